@@ -1,0 +1,284 @@
+"""Command line: ``minisparse prune``, ``minisparse eval``, ``minisparse methods``.
+
+Every argument is checked before the model is loaded, and the output directory is written atomically
+(a hidden temporary directory renamed into place at the end), so a bad argument or a crash never
+leaves a half-written DIR behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """\
+examples:
+  minisparse prune --model smollm2-135m --method magnitude --sparsity 0.5 --out pruned-mag50
+  minisparse prune --model smollm2-135m --method magnitude --pattern 2:4 --calib-samples 16 --out pruned-24
+  minisparse eval pruned-mag50
+  minisparse methods
+
+models: a bundled short name (smollm2-135m, gemma3-270m; no network needed), a local Hugging Face
+checkpoint directory, or a hub id such as Qwen/Qwen2.5-0.5B (needs network).
+texts: wikipedia (bundled, split by article into calibration and evaluation halves), wikitext2, c4
+(the last two from the Hugging Face hub, need network and `pip install datasets`).
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one clear line, exit status 2."""
+
+
+def _add_eval_args(p: argparse.ArgumentParser, defaults_from_report: bool = False) -> None:
+    helpsfx = " (default: the protocol recorded in DIR/report.json, else %(default)s)" if defaults_from_report else \
+        " (default: %(default)s)"
+    p.add_argument("--text", default=None if defaults_from_report else "wikipedia",
+                   help="evaluation corpus: wikipedia, wikitext2, c4" + helpsfx)
+    p.add_argument("--eval-seqlen", type=int, default=None,
+                   help="tokens per perplexity window" + (helpsfx if defaults_from_report else " (default: --seqlen)"))
+    p.add_argument("--eval-windows", type=int, default=None if defaults_from_report else 100,
+                   help="number of non-overlapping windows evaluated, 0 for all" + helpsfx)
+    p.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minisparse",
+        description="Prune large language models by optimization and measure what it costs.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model layer by layer, evaluate, save a checkpoint and report.json",
+                       description="Prune every Linear layer of every decoder layer with a layer-wise method, "
+                                   "evaluate dense and pruned perplexity, and write a Hugging Face checkpoint "
+                                   "(safetensors) plus report.json to --out.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, local path or hub id (default: %(default)s)")
+    p.add_argument("--method", default="magnitude", help="pruning method; `minisparse methods` lists them (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights pruned, in [0, 1) (for unstructured and row patterns)")
+    p.add_argument("--pattern", default=None,
+                   help="unstructured (per matrix, default), row (same sparsity in every output row), "
+                        "or N:M such as 2:4 (N kept in every M consecutive inputs; fixes the sparsity)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--calib-text", default="wikipedia", help="calibration corpus (its calibration half; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="compute device: auto, cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype: auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per layer forward (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory; must not exist unless --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory (only after success)")
+    p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_eval_args(p)
+
+    e = sub.add_parser("eval", help="evaluate a saved checkpoint's perplexity",
+                       description="Re-evaluate the perplexity of a checkpoint written by `minisparse prune` "
+                                   "(or any Hugging Face causal LM directory), by default with the protocol "
+                                   "recorded in its report.json, and print the result as JSON.")
+    e.add_argument("path", metavar="DIR", help="checkpoint directory (or a bundled model name)")
+    e.add_argument("--device", default="auto", help="compute device (default: %(default)s)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_eval_args(e, defaults_from_report=True)
+
+    sub.add_parser("methods", help="list the pruning methods", description="List the registered pruning methods.")
+    return parser
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss_kb / 1024 if platform.system() != "Darwin" else rss_kb / 2**20}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+@contextmanager
+def _atomic_dir(target: Path, force: bool):
+    """Yield a temporary sibling directory that becomes ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if target.exists():
+            if not force:
+                raise CliError(f"--out {target} appeared while pruning; nothing was written")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _validate_prune(args) -> tuple:
+    from .data import TEXTS
+    from .methods import get_method
+    from .models import BUNDLED, resolve_device, _looks_like_hub_id
+    from .patterns import parse_pattern
+
+    try:
+        pattern = parse_pattern(args.pattern, args.sparsity)
+        method = get_method(args.method)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if method.kind != "layerwise":
+        raise CliError(f"method {method.name!r} is not available from `prune` yet")
+    model_key = args.model.strip().lower()
+    if model_key not in BUNDLED and not Path(args.model).expanduser().exists() and not _looks_like_hub_id(args.model):
+        raise CliError(f"unknown model {args.model!r}: use a bundled name ({', '.join(BUNDLED)}), "
+                       "an existing checkpoint directory, or a hub id such as org/name")
+    for flag, value in (("--calib-text", args.calib_text), ("--text", args.text)):
+        if value.strip().lower() not in TEXTS:
+            raise CliError(f"{flag} {value!r} is not known; choose one of: {', '.join(TEXTS)}")
+    for flag, value, low in (("--calib-samples", args.calib_samples, 1), ("--seqlen", args.seqlen, 2),
+                             ("--batch-size", args.batch_size, 1), ("--eval-batch-size", args.eval_batch_size, 1),
+                             ("--eval-windows", args.eval_windows, 0)):
+        if value < low:
+            raise CliError(f"{flag} must be an integer >= {low}; got {value}")
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise CliError(f"--eval-seqlen must be an integer >= 2; got {args.eval_seqlen}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise CliError(f"--out {out} already exists; choose a new directory or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a directory")
+    return pattern, method, device, out
+
+
+def _prune(args) -> dict:
+    pattern, method, device, out = _validate_prune(args)
+    import torch
+
+    from . import __version__
+    from .data import calibration_batch, load_text
+    from .engine import prune_model
+    from .evaluate import perplexity
+    from .models import load_model, save_checkpoint
+
+    wall = time.perf_counter()
+    dtype = _resolve_dtype(args.dtype, device)
+    try:
+        lm = load_model(args.model, dtype=dtype, device=device)
+    except (ValueError, ModuleNotFoundError) as err:
+        raise CliError(str(err)) from None
+    progress = not args.no_progress
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    windows = args.eval_windows or None
+    try:
+        calib = calibration_batch(lm.tokenizer, load_text(args.calib_text, "calib"), args.calib_samples,
+                                  args.seqlen, args.seed, lm.bos)
+        eval_text = load_text(args.text, "eval")
+        evaluate = lambda: perplexity(lm.model, lm.tokenizer, eval_text, eval_seqlen, windows,
+                                      args.eval_batch_size, text_name=args.text, progress=progress)
+        dense = None if args.skip_dense_eval else evaluate()
+        report = prune_model(lm.model, calib, method, pattern, device=device, batch_size=args.batch_size,
+                             progress=progress)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    pruned = evaluate()
+    result = {
+        "minisparse_version": __version__,
+        "model": lm.name, "model_source": lm.source, "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device), "method": method.name, "pattern": str(pattern),
+        "requested_sparsity": pattern.sparsity, "measured_sparsity": report.sparsity,
+        "dense_ppl": dense["ppl"] if dense else None, "pruned_ppl": pruned["ppl"],
+        "eval": {k: pruned[k] for k in ("text", "part", "seqlen", "windows", "tokens", "bos")},
+        "calibration": {"text": args.calib_text, "part": "calib", "samples": args.calib_samples,
+                        "seqlen": args.seqlen, "seed": args.seed, "tokens": int(calib.numel())},
+        "load_seconds": lm.load_seconds, "prune_seconds": report.total_seconds,
+        "eval_seconds": {"dense": dense["seconds"] if dense else None, "pruned": pruned["seconds"]},
+        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+    }
+    with _atomic_dir(out, args.force) as tmp:
+        save_checkpoint(lm.model, lm.tokenizer, tmp)
+        result["wall_seconds"] = time.perf_counter() - wall
+        result.update(_peak_memory(device))
+        result["engine"] = report.to_dict()
+        (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    summary = {k: result[k] for k in ("model", "method", "pattern", "measured_sparsity", "dense_ppl", "pruned_ppl",
+                                      "wall_seconds", "peak_rss_mb")}
+    summary["out"] = str(out)
+    return summary
+
+
+def _eval(args) -> dict:
+    from .data import TEXTS
+    from .models import resolve_device
+
+    path = Path(args.path).expanduser()
+    recorded = {}
+    if (path / "report.json").exists():
+        recorded = json.loads((path / "report.json").read_text(encoding="utf-8")).get("eval", {})
+    text = args.text or recorded.get("text", "wikipedia")
+    seqlen = args.eval_seqlen or recorded.get("seqlen", 512)
+    windows = args.eval_windows if args.eval_windows is not None else recorded.get("windows", 100)
+    if text not in TEXTS:
+        raise CliError(f"--text {text!r} is not known; choose one of: {', '.join(TEXTS)}")
+    if seqlen < 2 or windows < 0:
+        raise CliError(f"need --eval-seqlen >= 2 and --eval-windows >= 0; got {seqlen}, {windows}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    from .evaluate import perplexity
+    from .models import load_model
+
+    try:
+        lm = load_model(str(args.path), dtype=_resolve_dtype(args.dtype, device), device=device)
+    except (ValueError, ModuleNotFoundError) as err:
+        raise CliError(str(err)) from None
+    res = perplexity(lm.model, lm.tokenizer, None, seqlen, windows or None, args.eval_batch_size,
+                     text_name=text, progress=not args.no_progress)
+    return {"model": str(args.path), **res}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "methods":
+            from .methods import available_methods
+
+            for name, m in available_methods().items():
+                print(f"{name:12s} {m.kind:10s} {m.description}")
+            return 0
+        result = _prune(args) if args.command == "prune" else _eval(args)
+    except CliError as err:
+        print(f"minisparse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The layer-wise engine: walk a decoder layer by layer, collect G = X Xᵀ per Linear, call a solver.
+
+1. One cheap pass over the calibration batch records the input of the first decoder layer and the
+   keyword arguments (position embeddings, masks, position ids) that the model hands each layer;
+   the layers themselves are skipped in that pass.
+2. For each decoder layer in turn: move it to the compute device, run the calibration inputs through
+   it while forward pre-hooks accumulate G for every Linear (streamed, d_in² floats per Linear, never
+   the activations), hand (W, G, pattern) to the solver, write the result back, then run the *pruned*
+   layer to produce the inputs of the next one, and move the layer back.
+
+Only the current layer and the calibration activations live on the compute device, so a model too
+large for it can be pruned with the rest kept in CPU memory. Nothing here knows a model family: layers
+are found by structure (:func:`~minisparse.models.decoder_layers`) and Linear modules by type.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .methods import Method, get_method
+from .models import decoder_layers, prunable_linears
+from .objective import relative_error
+from .patterns import Pattern, parse_pattern
+
+__all__ = ["PruneReport", "capture_layer_inputs", "GramCollector", "prune_model", "check_finite_weights"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+_DROP_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position_unused"}
+
+
+@contextmanager
+def _recording_layers(layers: nn.ModuleList, store: Callable[[int, torch.Tensor, dict], None]):
+    """Temporarily replace each layer's forward by one that records its inputs and passes them on."""
+
+    def make(i: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise TypeError("decoder layers are expected to take their extra inputs as keywords")
+            store(i, hidden_states, {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = make(i)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, calib_ids: torch.Tensor, batch_size: int,
+                         store_device: torch.device) -> tuple[list[torch.Tensor], dict[tuple[int, int], dict]]:
+    """Hidden states entering the first decoder layer (one tensor per batch) and the keyword arguments
+    each layer receives, keyed by (layer index, batch size). No decoder layer is computed."""
+    layers = decoder_layers(model)
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[tuple[int, int], dict] = {}
+    embed_device = model.get_input_embeddings().weight.device
+
+    def store(i: int, hidden: torch.Tensor, kw: dict) -> None:
+        if i == 0:
+            inputs.append(hidden.to(store_device))
+        kwargs.setdefault((i, hidden.shape[0]), _move(kw, store_device))
+
+    with _recording_layers(layers, store):
+        for start in range(0, len(calib_ids), batch_size):
+            batch = calib_ids[start:start + batch_size].to(embed_device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    if not inputs:
+        raise RuntimeError("the model's forward never reached its first decoder layer")
+    return inputs, kwargs
+
+
+class GramCollector:
+    """Forward pre-hooks that accumulate G = Σ x xᵀ (float32 or float64) for each Linear of a layer.
+
+    Linear modules fed the very same input tensor (q/k/v, gate/up) share one G: it is computed once.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], dtype: torch.dtype = torch.float32):
+        self.linears = linears
+        self.dtype = dtype
+        self.G: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self.tokens = 0
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.alias.setdefault(name, self._last[1])
+                return
+            self._last = (x, name)
+            x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            if name not in self.G:
+                self.G[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
+            self.G[name].addmm_(x2.T, x2)
+            if name == next(iter(self.linears)):
+                self.tokens += x2.shape[0]
+        return hook
+
+    def __enter__(self) -> "GramCollector":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = None
+
+    def gram(self, name: str) -> torch.Tensor:
+        return self.G[self.alias.get(name, name)]
+
+
+@dataclass
+class PruneReport:
+    """What a layer-wise run did: per-matrix statistics, per-layer times, totals."""
+
+    method: str
+    pattern: str
+    matrices: list[dict] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    total_seconds: float = 0.0
+    calib_tokens: int = 0
+
+    @property
+    def pruned(self) -> int:
+        return sum(m["zeros"] for m in self.matrices)
+
+    @property
+    def numel(self) -> int:
+        return sum(m["numel"] for m in self.matrices)
+
+    @property
+    def sparsity(self) -> float:
+        """Measured fraction of zeros over the pruned Linear layers."""
+        return self.pruned / max(self.numel, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "pattern": self.pattern, "measured_sparsity": self.sparsity,
+            "capture_seconds": self.capture_seconds, "total_seconds": self.total_seconds,
+            "calib_tokens": self.calib_tokens, "layer_seconds": self.layer_seconds, "matrices": self.matrices,
+        }
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ValueError naming the first decoder Linear whose weight holds NaN or inf."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in prunable_linears(layer).items():
+            if not torch.isfinite(lin.weight).all():
+                raise ValueError(f"layer {i} {name}: the weight contains NaN or inf; prune a model with finite weights")
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calib_ids: torch.Tensor, method: str | Method = "magnitude",
+                pattern: Pattern | str = "2:4", *, sparsity: float | None = None,
+                device: torch.device | str | None = None, batch_size: int = 8,
+                gram_dtype: torch.dtype = torch.float32, layers: Iterable[int] | None = None,
+                solver_options: dict | None = None, progress: bool = True) -> PruneReport:
+    """Prune every Linear of every decoder layer (or of ``layers``) in place, layer by layer.
+
+    ``calib_ids`` is a (n_samples, seqlen) LongTensor of calibration tokens. The solver is looked up in
+    the method registry. Returns a :class:`PruneReport` with per-matrix sparsity, relative layer-wise
+    error ||WX - ŴX||²/||WX||² (on the calibration inputs each layer actually saw) and time.
+    """
+    start = time.perf_counter()
+    meth = method if isinstance(method, Method) else get_method(method)
+    if meth.kind != "layerwise":
+        raise ValueError(f"method {meth.name!r} is not layer-wise; it runs through the training loop")
+    pat = parse_pattern(pattern, sparsity)
+    options = dict(solver_options or {})
+    stack = decoder_layers(model)
+    for i, layer in enumerate(stack):
+        for name, lin in prunable_linears(layer).items():
+            pat.check_shape(tuple(lin.weight.shape))
+    check_finite_weights(model)
+    if calib_ids.ndim != 2 or calib_ids.numel() == 0:
+        raise ValueError(f"calib_ids must be a non-empty (n_samples, seqlen) tensor; got shape {tuple(calib_ids.shape)}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    wanted = sorted(set(range(len(stack)) if layers is None else layers))
+    if wanted and not (0 <= wanted[0] and wanted[-1] < len(stack)):
+        raise ValueError(f"layers must lie in [0, {len(stack)}); got {wanted}")
+    report = PruneReport(meth.name, str(pat))
+
+    hidden, kwargs = capture_layer_inputs(model, calib_ids, batch_size, dev)
+    report.capture_seconds = time.perf_counter() - start
+    report.calib_tokens = int(calib_ids.numel())
+    last = wanted[-1] if wanted else -1
+    bar = tqdm(range(last + 1), desc=f"{meth.name} {pat}", unit="layer", disable=not progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = stack[i]
+        home = next(layer.parameters()).device
+        layer.to(dev)
+        if i in wanted:
+            linears = prunable_linears(layer)
+            with GramCollector(linears, gram_dtype) as grams:
+                for h in hidden:
+                    _call_layer(layer, h, kwargs[(i, h.shape[0])])
+            errors = []
+            for name, lin in linears.items():
+                t1 = time.perf_counter()
+                G = grams.gram(name)
+                if not torch.isfinite(G).all():
+                    raise ValueError(f"layer {i} {name}: the Gram matrix of its inputs holds NaN or inf "
+                                     "(the activations overflowed; try float32 or a different calibration text)")
+                W = lin.weight.detach().to(torch.float32, copy=True)
+                result = meth.solver(W, G, pat, **options)
+                new = result.weight
+                if not torch.isfinite(new).all():
+                    raise ValueError(f"layer {i} {name}: solver {meth.name!r} returned NaN or inf weights")
+                lin.weight.copy_(new.to(lin.weight.dtype))
+                err = relative_error(W, new, G)
+                errors.append(err)
+                zeros = int((lin.weight == 0).sum())
+                report.matrices.append({
+                    "layer": i, "name": name, "shape": list(W.shape), "numel": W.numel(), "zeros": zeros,
+                    "sparsity": zeros / W.numel(), "rel_error": err,
+                    "seconds": time.perf_counter() - t1, "stats": result.stats,
+                })
+            del grams
+            bar.set_postfix(rel_err=f"{sum(errors) / len(errors):.3g}")
+        if i < last:
+            hidden = [_call_layer(layer, h, kwargs[(i, h.shape[0])]) for h in hidden]
+        layer.to(home)
+        report.layer_seconds.append(time.perf_counter() - t0)
+    report.total_seconds = time.perf_counter() - start
+    return report
