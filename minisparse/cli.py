@@ -181,7 +181,7 @@ def _prune(args) -> dict:
 
     from . import __version__
     from .data import calibration_batch, load_text
-    from .engine import prune_model
+    from .engine import check_prunable, prune_model
     from .evaluate import perplexity
     from .models import load_model, save_checkpoint
 
@@ -195,6 +195,7 @@ def _prune(args) -> dict:
     eval_seqlen = args.eval_seqlen or args.seqlen
     windows = args.eval_windows or None
     try:
+        check_prunable(lm.model, pattern)
         calib = calibration_batch(lm.tokenizer, load_text(args.calib_text, "calib"), args.calib_samples,
                                   args.seqlen, args.seed, lm.bos)
         eval_text = load_text(args.text, "eval")

@@ -35,7 +35,7 @@ _DROP_SECTIONS = {"references", "external links", "see also", "further reading",
                   "bibliography", "sources", "footnotes", "citations", "notes and references"}
 _MIN_LINE_CHARS = 40
 _MIN_ARTICLE_CHARS = 2000
-_CLEANING_VERSION = "2"
+_CLEANING_VERSION = "3"
 
 # Corpora a user who is online can name; (dataset path, config, split per part, text field).
 TEXTS = {
@@ -97,7 +97,8 @@ def _clean(wikitext: str) -> str:
         text = section.strip_code(normalize=True, collapse=True)
         for line in text.splitlines():
             line = re.sub(r"\s+", " ", line).strip()
-            if len(line) >= _MIN_LINE_CHARS and not line.startswith(("*", "|", "{", "!")):
+            leftover = any(mark in line for mark in ("[[", "]]", "{{", "}}", "<ref", "</ref", "|}"))
+            if len(line) >= _MIN_LINE_CHARS and not leftover and not line.startswith(("*", "|", "{", "!")):
                 paragraphs.append(line)
     return "\n".join(paragraphs)
 
@@ -169,12 +170,25 @@ def load_text(name: str = "wikipedia", part: str = "eval") -> str:
     return _load_hf(key, part)
 
 
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a whole text as one 1-D LongTensor, without special tokens."""
+    """Token ids of a whole text as one 1-D LongTensor, without special tokens.
+
+    The last few results are kept in memory (keyed by tokenizer and a hash of the text), since the
+    same evaluation text is tokenized for every perplexity call.
+    """
     if not text or not text.strip():
         raise ValueError("the text is empty; give a calibration/evaluation text with content")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-    return torch.tensor(ids, dtype=torch.long)
+    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer),
+           hashlib.sha256(text.encode("utf-8")).hexdigest())
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        if len(_TOKEN_CACHE) >= 4:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key].clone()
 
 
 def calibration_batch(tokenizer, text: str, n_samples: int, seqlen: int, seed: int = 0,

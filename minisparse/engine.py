@@ -28,7 +28,8 @@ from .models import decoder_layers, prunable_linears
 from .objective import relative_error
 from .patterns import Pattern, parse_pattern
 
-__all__ = ["PruneReport", "capture_layer_inputs", "GramCollector", "prune_model", "check_finite_weights"]
+__all__ = ["PruneReport", "capture_layer_inputs", "GramCollector", "prune_model", "check_prunable",
+           "collect_grams"]
 
 
 class _StopForward(Exception):
@@ -177,10 +178,14 @@ class PruneReport:
         }
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise ValueError naming the first decoder Linear whose weight holds NaN or inf."""
+def check_prunable(model: nn.Module, pattern: Pattern) -> None:
+    """Raise ValueError unless every decoder Linear can carry the pattern and has finite weights."""
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in prunable_linears(layer).items():
+            try:
+                pattern.check_shape(tuple(lin.weight.shape))
+            except ValueError as err:
+                raise ValueError(f"layer {i} {name}: {err}") from None
             if not torch.isfinite(lin.weight).all():
                 raise ValueError(f"layer {i} {name}: the weight contains NaN or inf; prune a model with finite weights")
 
@@ -209,10 +214,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, method: str | Method 
     pat = parse_pattern(pattern, sparsity)
     options = dict(solver_options or {})
     stack = decoder_layers(model)
-    for i, layer in enumerate(stack):
-        for name, lin in prunable_linears(layer).items():
-            pat.check_shape(tuple(lin.weight.shape))
-    check_finite_weights(model)
+    check_prunable(model, pat)
     if calib_ids.ndim != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids must be a non-empty (n_samples, seqlen) tensor; got shape {tuple(calib_ids.shape)}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -265,3 +267,25 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, method: str | Method 
         report.layer_seconds.append(time.perf_counter() - t0)
     report.total_seconds = time.perf_counter() - start
     return report
+
+
+def collect_grams(model: nn.Module, calib_ids: torch.Tensor, layer: int, *, batch_size: int = 8,
+                  device: torch.device | str | None = None,
+                  gram_dtype: torch.dtype = torch.float32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(W, G) for every Linear of decoder layer ``layer`` of the unpruned model, by Linear name.
+
+    Runs the same walk as :func:`prune_model` with a solver that keeps every weight, so the book and the
+    tests see exactly the matrices a solver is handed.
+    """
+    from .methods import SolverResult
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep_all(W, G, pattern):
+        seen.append((W.clone(), G.clone()))
+        return SolverResult(W, torch.ones_like(W, dtype=torch.bool))
+
+    report = prune_model(model, calib_ids, Method("collect", keep_all), parse_pattern("unstructured", 0.0),
+                         device=device, batch_size=batch_size, gram_dtype=gram_dtype, layers=[layer],
+                         progress=False)
+    return {m["name"]: wg for m, wg in zip(report.matrices, seen)}

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from minisparse.objective import dampen, gram, layer_error, reconstruct, relative_error
+from minisparse.patterns import parse_pattern, topk_mask
+
+
+def _problem(d_out=5, d_in=8, tokens=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    X = torch.randn(tokens, d_in, generator=g, dtype=torch.float64) @ torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    return W, X
+
+
+def test_error_depends_on_x_only_through_gram():
+    W, X = _problem()
+    What = W * (torch.rand_like(W) > 0.5)
+    direct = float(((X @ W.T - X @ What.T) ** 2).sum())
+    G = gram(X, torch.float64)
+    assert layer_error(W, What, G) == pytest.approx(direct, rel=1e-10)
+    assert relative_error(W, What, G) == pytest.approx(direct / float(((X @ W.T) ** 2).sum()), rel=1e-10)
+    assert relative_error(W, W, G) == 0.0
+
+
+def test_reconstruct_matches_cvxpy_least_squares():
+    cp = pytest.importorskip("cvxpy")
+    W, X = _problem(seed=1)
+    G = gram(X, torch.float64)
+    mask = topk_mask(W.abs(), parse_pattern("row", 0.5))
+    ours = reconstruct(W, mask, G)
+    for i in range(W.shape[0]):
+        keep = np.flatnonzero(mask[i].numpy())
+        v = cp.Variable(len(keep))
+        target = X.numpy() @ W[i].numpy()
+        cp.Problem(cp.Minimize(cp.sum_squares(X.numpy()[:, keep] @ v - target))).solve(solver="CLARABEL")
+        np.testing.assert_allclose(ours[i].numpy()[keep], v.value, rtol=1e-5, atol=1e-6)
+    assert torch.all(ours[~mask] == 0)
+    # the optimum beats simply masking
+    assert layer_error(W, ours, G) < layer_error(W, W * mask, G)
+
+
+def test_reconstruct_handles_unequal_rows_and_ridge():
+    W, X = _problem(d_out=6, d_in=8, tokens=5, seed=2)  # fewer tokens than inputs: G is singular
+    G = gram(X, torch.float64)
+    mask = topk_mask(W.abs(), parse_pattern("unstructured", 0.4))
+    out = reconstruct(W, mask, G, damp=0.01)
+    assert torch.isfinite(out).all() and torch.all(out[~mask] == 0)
+    Gd = dampen(G, 0.01)
+    assert torch.allclose(torch.diagonal(Gd) - torch.diagonal(G), torch.full((8,), 0.01 * float(torch.diagonal(G).mean()), dtype=torch.float64))
