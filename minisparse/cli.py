@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -97,16 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _peak_memory(device) -> dict:
-    import torch
-
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_mb": rss_kb / 1024 if platform.system() != "Darwin" else rss_kb / 2**20}
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
-
-
 @contextmanager
 def _atomic_dir(target: Path, force: bool):
     """Yield a temporary sibling directory that becomes ``target`` only if the block succeeds."""
@@ -177,54 +165,23 @@ def _validate_prune(args) -> tuple:
 
 def _prune(args) -> dict:
     pattern, method, device, out = _validate_prune(args)
-    import torch
-
-    from . import __version__
-    from .data import calibration_batch, load_text
-    from .engine import check_prunable, prune_model
-    from .evaluate import perplexity
-    from .models import load_model, save_checkpoint
+    from .models import save_checkpoint
+    from .pipeline import peak_memory, prune_and_evaluate
 
     wall = time.perf_counter()
-    dtype = _resolve_dtype(args.dtype, device)
     try:
-        lm = load_model(args.model, dtype=dtype, device=device)
+        lm, result = prune_and_evaluate(
+            args.model, method, pattern, calib_samples=args.calib_samples, seqlen=args.seqlen,
+            calib_text=args.calib_text, seed=args.seed, eval_text=args.text, eval_seqlen=args.eval_seqlen,
+            eval_windows=args.eval_windows or None, eval_batch_size=args.eval_batch_size,
+            evaluate_dense=not args.skip_dense_eval, device=device, dtype=_resolve_dtype(args.dtype, device),
+            batch_size=args.batch_size, progress=not args.no_progress)
     except (ValueError, ModuleNotFoundError) as err:
         raise CliError(str(err)) from None
-    progress = not args.no_progress
-    eval_seqlen = args.eval_seqlen or args.seqlen
-    windows = args.eval_windows or None
-    try:
-        check_prunable(lm.model, pattern)
-        calib = calibration_batch(lm.tokenizer, load_text(args.calib_text, "calib"), args.calib_samples,
-                                  args.seqlen, args.seed, lm.bos)
-        eval_text = load_text(args.text, "eval")
-        evaluate = lambda: perplexity(lm.model, lm.tokenizer, eval_text, eval_seqlen, windows,
-                                      args.eval_batch_size, text_name=args.text, progress=progress)
-        dense = None if args.skip_dense_eval else evaluate()
-        report = prune_model(lm.model, calib, method, pattern, device=device, batch_size=args.batch_size,
-                             progress=progress)
-    except ValueError as err:
-        raise CliError(str(err)) from None
-    pruned = evaluate()
-    result = {
-        "minisparse_version": __version__,
-        "model": lm.name, "model_source": lm.source, "dtype": str(dtype).replace("torch.", ""),
-        "device": str(device), "method": method.name, "pattern": str(pattern),
-        "requested_sparsity": pattern.sparsity, "measured_sparsity": report.sparsity,
-        "dense_ppl": dense["ppl"] if dense else None, "pruned_ppl": pruned["ppl"],
-        "eval": {k: pruned[k] for k in ("text", "part", "seqlen", "windows", "tokens", "bos")},
-        "calibration": {"text": args.calib_text, "part": "calib", "samples": args.calib_samples,
-                        "seqlen": args.seqlen, "seed": args.seed, "tokens": int(calib.numel())},
-        "load_seconds": lm.load_seconds, "prune_seconds": report.total_seconds,
-        "eval_seconds": {"dense": dense["seconds"] if dense else None, "pruned": pruned["seconds"]},
-        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-    }
     with _atomic_dir(out, args.force) as tmp:
         save_checkpoint(lm.model, lm.tokenizer, tmp)
         result["wall_seconds"] = time.perf_counter() - wall
-        result.update(_peak_memory(device))
-        result["engine"] = report.to_dict()
+        result.update(peak_memory(device))
         (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     summary = {k: result[k] for k in ("model", "method", "pattern", "measured_sparsity", "dense_ppl", "pruned_ppl",
                                       "wall_seconds", "peak_rss_mb")}

@@ -158,11 +158,18 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype | str = torch.floa
                     f"not an existing local path, and not a Hugging Face id of the form 'org/name'"
                 )
             source = str(name)  # a hub id; transformers downloads it when online
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 1-second cached load needs no progress bar
     try:
         tok = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except OSError as err:
         raise ValueError(f"could not load model {name!r} from {source}: {err}") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(dev)
     model.eval()
     return LoadedModel(model, tok, key if key in BUNDLED else str(name), str(source),
