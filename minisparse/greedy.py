@@ -31,7 +31,7 @@ from .patterns import Pattern, num_pruned, parse_pattern, topk_mask
 __all__ = ["magnitude", "wanda", "wanda_score", "ria", "ria_score", "sparsegpt"]
 
 
-@register("magnitude", needs_gram=False, description="keep the largest |W| (ignores the inputs)")
+@register("magnitude", description="keep the largest |W| (ignores the inputs)")
 def magnitude(weight: torch.Tensor, G: torch.Tensor | None, pattern: Pattern) -> SolverResult:
     """Magnitude pruning: keep the largest |W_ij| allowed by the pattern. G is not used."""
     mask = topk_mask(weight.abs(), pattern)

@@ -33,21 +33,20 @@ class Method:
     name: str
     solver: Callable[..., SolverResult]
     kind: str = "layerwise"  # "layerwise" (engine + solver) or "end2end" (training loop)
-    needs_gram: bool = True  # False lets the engine skip collecting G (magnitude)
     description: str = ""
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, kind: str = "layerwise", needs_gram: bool = True, description: str = ""):
+def register(name: str, *, kind: str = "layerwise", description: str = ""):
     """Decorator registering a solver under ``name``."""
 
     def wrap(fn: Callable[..., SolverResult]) -> Callable[..., SolverResult]:
         if name in _REGISTRY and _REGISTRY[name].solver is not fn:
             raise ValueError(f"method {name!r} is registered twice")
-        doc = description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else ""
-        _REGISTRY[name] = Method(name, fn, kind, needs_gram, doc)
+        doc_lines = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = Method(name, fn, kind, description or (doc_lines[0] if doc_lines else ""))
         return fn
 
     return wrap
