@@ -41,13 +41,28 @@ def dampen(G: torch.Tensor, damp: float) -> torch.Tensor:
     return G + damp * mean_diag * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
 
+def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a batch of symmetric positive (semi)definite systems A x = b.
+
+    Cholesky where it succeeds; a least-squares (minimum-norm) solve for the singular ones. Cholesky
+    also sidesteps batched LU (torch.linalg.solve), which fails intermittently on large CPU batches
+    with several threads (pytorch/pytorch#142815).
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    bad = info != 0
+    if bad.any():
+        x[bad] = torch.linalg.lstsq(A[bad], b[bad].unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    return x
+
+
 def reconstruct(weight: torch.Tensor, mask: torch.Tensor, G: torch.Tensor, damp: float = 0.0,
                 chunk: int = 256) -> torch.Tensor:
     """Optimal kept weights for a fixed mask: each row solves min ||(w - ŵ) X||² with ŵ = 0 off the mask.
 
     The solution on the kept set S is ŵ_S = G_SS⁻¹ G_S,: w (normal equations), with an optional ridge
-    ``damp`` (fraction of mean diag G) where G_SS is singular. Solved in float64, rows batched when they
-    keep the same number of weights.
+    ``damp`` (fraction of mean diag G); where G_SS is singular the minimum-norm solution is taken.
+    Solved in float64, rows batched when they keep the same number of weights.
     """
     mask = mask.bool()
     Gd = dampen(G.double(), damp)
@@ -64,6 +79,5 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, G: torch.Tensor, damp:
             idx = torch.nonzero(mask[r])[:, 1].reshape(len(r), k)  # kept columns, per row
             Gss = Gd[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (rows, k, k)
             rhs = torch.gather(rhs_all[r], 1, idx)
-            sol = torch.linalg.solve(Gss, rhs.unsqueeze(-1)).squeeze(-1)
-            out[r.unsqueeze(1), idx] = sol
+            out[r.unsqueeze(1), idx] = _solve_spd(Gss, rhs)
     return out.to(weight.dtype)

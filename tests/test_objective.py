@@ -48,3 +48,26 @@ def test_reconstruct_handles_unequal_rows_and_ridge():
     assert torch.isfinite(out).all() and torch.all(out[~mask] == 0)
     Gd = dampen(G, 0.01)
     assert torch.allclose(torch.diagonal(Gd) - torch.diagonal(G), torch.full((8,), 0.01 * float(torch.diagonal(G).mean()), dtype=torch.float64))
+
+
+def test_reconstruct_large_batches_agree_with_row_by_row():
+    """Batched solves of 288x288 systems (the size of a real 50% layer) equal one-row-at-a-time solves."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2000, 576, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    W = torch.randn(200, 576, generator=g, dtype=torch.float64)
+    mask = topk_mask(W.abs(), parse_pattern("row", 0.5))
+    batched = reconstruct(W, mask, G)
+    single = reconstruct(W, mask, G, chunk=1)
+    torch.testing.assert_close(batched, single, rtol=1e-8, atol=1e-10)
+
+
+def test_reconstruct_singular_block_gives_minimum_norm_solution():
+    # two identical inputs: G_SS is singular when both are kept; the weight is split evenly
+    X = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 1.0], [0.5, 0.5, 3.0]], dtype=torch.float64)
+    G = gram(X, torch.float64)
+    W = torch.tensor([[1.0, 3.0, 0.2]], dtype=torch.float64)
+    out = reconstruct(W, torch.tensor([[True, True, False]]), G)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0], out[0, 1])
+    assert layer_error(W, out, G) <= layer_error(W, W * torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64), G) + 1e-9
