@@ -6,7 +6,6 @@ The top half (patterns, objective, solvers) works on plain tensors W and G = X X
 from .methods import Method, SolverResult, available_methods, get_method, register
 from .objective import dampen, gram, layer_error, reconstruct, relative_error
 from .patterns import Pattern, is_feasible, num_pruned, parse_pattern, project, sparsity_of, topk_mask
-from . import greedy
 from .greedy import magnitude, ria, sparsegpt, wanda
 from .models import BUNDLED, LoadedModel, cache_dir, decoder_layers, load_model, prunable_linears, save_checkpoint
 from .data import TEXTS, calibration_batch, load_text, split_articles, tokenize, wikipedia_articles

@@ -48,7 +48,7 @@ def _move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-_DROP_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position_unused"}
+_DROP_KWARGS = {"past_key_values", "past_key_value", "use_cache"}
 
 
 @contextmanager

