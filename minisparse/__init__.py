@@ -7,6 +7,7 @@ from .methods import Method, SolverResult, available_methods, get_method, regist
 from .objective import dampen, gram, layer_error, reconstruct, relative_error
 from .patterns import Pattern, is_feasible, num_pruned, parse_pattern, project, sparsity_of, topk_mask
 from .greedy import magnitude, ria, sparsegpt, wanda
+from .fw import sparsefw
 from .models import BUNDLED, LoadedModel, cache_dir, decoder_layers, load_model, prunable_linears, save_checkpoint
 from .data import TEXTS, calibration_batch, load_text, split_articles, tokenize, wikipedia_articles
 from .engine import PruneReport, collect_grams, prune_model
@@ -18,7 +19,7 @@ __all__ = [
     "Method", "SolverResult", "available_methods", "get_method", "register",
     "dampen", "gram", "layer_error", "reconstruct", "relative_error",
     "Pattern", "is_feasible", "num_pruned", "parse_pattern", "project", "sparsity_of", "topk_mask",
-    "magnitude", "ria", "sparsegpt", "wanda",
+    "magnitude", "ria", "sparsegpt", "wanda", "sparsefw",
     "BUNDLED", "LoadedModel", "cache_dir", "decoder_layers", "load_model", "prunable_linears", "save_checkpoint",
     "TEXTS", "calibration_batch", "load_text", "split_articles", "tokenize", "wikipedia_articles",
     "PruneReport", "collect_grams", "prune_model",

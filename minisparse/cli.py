@@ -22,6 +22,7 @@ _EPILOG = """\
 examples:
   minisparse prune --model smollm2-135m --method magnitude --sparsity 0.5 --out pruned-mag50
   minisparse prune --model smollm2-135m --method magnitude --pattern 2:4 --calib-samples 16 --out pruned-24
+  minisparse prune --method sparsefw --sparsity 0.6 -o alpha=0.9 -o iterations=200 --out pruned-fw60
   minisparse eval pruned-mag50
   minisparse methods
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None,
                    help="unstructured (per matrix, default), row (same sparsity in every output row), "
                         "or N:M such as 2:4 (N kept in every M consecutive inputs; fixes the sparsity)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="a solver option, repeatable: e.g. -o alpha=0.9 -o iterations=500 for sparsefw; "
+                        "`minisparse methods` lists each method's options and defaults")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--calib-text", default="wikipedia", help="calibration corpus (its calibration half; default: %(default)s)")
@@ -129,7 +133,7 @@ def _resolve_dtype(name: str, device):
 
 def _validate_prune(args) -> tuple:
     from .data import TEXTS
-    from .methods import get_method
+    from .methods import check_options, get_method, parse_option
     from .models import BUNDLED, resolve_device, _looks_like_hub_id
     from .patterns import parse_pattern
 
@@ -137,8 +141,11 @@ def _validate_prune(args) -> tuple:
         pattern = parse_pattern(args.pattern, args.sparsity)
         method = get_method(args.method)
         device = resolve_device(args.device)
+        options = dict(parse_option(o) for o in args.option)
+        check_options(method, options, pattern)
     except ValueError as err:
         raise CliError(str(err)) from None
+    args.solver_options = options
     if method.kind != "layerwise":
         raise CliError(f"method {method.name!r} is not available from `prune` yet")
     model_key = args.model.strip().lower()
@@ -175,7 +182,7 @@ def _prune(args) -> dict:
             calib_text=args.calib_text, seed=args.seed, eval_text=args.text, eval_seqlen=args.eval_seqlen,
             eval_windows=args.eval_windows or None, eval_batch_size=args.eval_batch_size,
             evaluate_dense=not args.skip_dense_eval, device=device, dtype=_resolve_dtype(args.dtype, device),
-            batch_size=args.batch_size, progress=not args.no_progress)
+            batch_size=args.batch_size, solver_options=args.solver_options, progress=not args.no_progress)
     except (ValueError, ModuleNotFoundError) as err:
         raise CliError(str(err)) from None
     with _atomic_dir(out, args.force) as tmp:
@@ -225,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "methods":
-            from .methods import available_methods
+            from .methods import available_methods, method_options
 
             for name, m in available_methods().items():
                 print(f"{name:12s} {m.kind:10s} {m.description}")
+                opts = method_options(m)
+                if opts:
+                    print(" " * 24 + "options: " + ", ".join(f"{k}={v}" for k, v in opts.items()))
             return 0
         result = _prune(args) if args.command == "prune" else _eval(args)
     except CliError as err:

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["SolverResult", "Method", "register", "get_method", "available_methods"]
+__all__ = ["SolverResult", "Method", "register", "get_method", "available_methods", "method_options",
+           "check_options", "parse_option"]
 
 # Modules whose import registers methods; a new method module is added here once.
-_METHOD_MODULES = ("minisparse.greedy",)
+_METHOD_MODULES = ("minisparse.greedy", "minisparse.fw")
 
 
 @dataclass
@@ -70,3 +71,56 @@ def get_method(name: str) -> Method:
     if key not in methods:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(methods)}")
     return methods[key]
+
+
+def method_options(method: Method) -> dict[str, Any]:
+    """The solver's keyword options and their defaults (everything after W, G and the pattern)."""
+    import inspect
+
+    params = list(inspect.signature(method.solver).parameters.values())[3:]
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value) with value read as int, float, true/false, or else a string."""
+    if "=" not in text:
+        raise ValueError(f"a solver option is written KEY=VALUE (e.g. alpha=0.9); got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    low = raw.lower()
+    value: Any
+    if low in ("true", "false"):
+        value = low == "true"
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+    return key.replace("-", "_"), value
+
+
+def check_options(method: Method, options: dict[str, Any], pattern) -> None:
+    """Raise ValueError for an option the solver does not take, or a value it rejects.
+
+    Values are checked by running the solver on a tiny random problem with the same pattern, so a bad
+    value fails in milliseconds instead of after the model is loaded and the first layer is captured.
+    """
+    known = method_options(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise ValueError(f"method {method.name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options (with defaults) are: {listing}")
+    width = 2 * pattern.m if getattr(pattern, "kind", "") == "nm" else 8
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(4, width, generator=gen)
+    X = torch.randn(width, 4 * width, generator=gen)
+    trial = dict(options)
+    if "iterations" in known and "iterations" in trial:
+        trial["iterations"] = min(int(trial["iterations"]), 2) if isinstance(trial["iterations"], int) else trial["iterations"]
+    try:
+        method.solver(W, X @ X.T, pattern, **trial)
+    except TypeError as err:
+        raise ValueError(f"method {method.name!r}: bad option value ({err})") from None

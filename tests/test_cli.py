@@ -25,6 +25,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     (["--sparsity", "0.5", "--calib-samples", "0"], "--calib-samples must be an integer >= 1"),
     (["--sparsity", "0.5", "--calib-text", "nowhere"], "--calib-text 'nowhere' is not known"),
     (["--sparsity", "0.5", "--seqlen", "1000000", "--calib-samples", "1"], "too short for a window"),
+    (["--method", "sparsefw", "--sparsity", "0.5", "-o", "alfa=1"], "has no option 'alfa'; its options"),
+    (["--method", "sparsefw", "--sparsity", "0.5", "-o", "alpha=2"], "alpha (the fraction of kept weights"),
+    (["--method", "sparsefw", "--pattern", "2:4", "-o", "warm_start=obs"], "warm_start must be one of"),
+    (["--method", "wanda", "--sparsity", "0.5", "-o", "per"], "written KEY=VALUE"),
 ])
 def test_bad_input_fails_fast_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -77,3 +81,19 @@ def test_prune_writes_a_checkpoint_that_transformers_loads_and_eval_reproduces(t
     again = _run("eval", str(out), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["ppl"] == pytest.approx(report["pruned_ppl"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_solver_options_reach_the_solver_and_the_report(tmp_path):
+    out = tmp_path / "fw"
+    res = _run("prune", "--method", "sparsefw", "--pattern", "2:4", "-o", "iterations=3", "-o", "alpha=0.5",
+               "-o", "warm_start=ria", "--calib-samples", "2", "--seqlen", "32", "--eval-windows", "2",
+               "--skip-dense-eval", "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["solver_options"] == {"iterations": 3, "alpha": 0.5, "warm_start": "ria"}
+    stats = [m["stats"] for m in report["engine"]["matrices"]]
+    assert len(stats) == 30 * 7
+    assert all(s["iterations"] == 3 and s["alpha"] == 0.5 and s["warm_start"] == "ria" for s in stats)
+    assert all(s["objective"] <= s["objective_warm"] * (1 + 1e-6) for s in stats)
+    assert abs(report["measured_sparsity"] - 0.5) < 1e-3
