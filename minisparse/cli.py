@@ -146,8 +146,6 @@ def _validate_prune(args) -> tuple:
     except ValueError as err:
         raise CliError(str(err)) from None
     args.solver_options = options
-    if method.kind != "layerwise":
-        raise CliError(f"method {method.name!r} is not available from `prune` yet")
     model_key = args.model.strip().lower()
     if model_key not in BUNDLED and not Path(args.model).expanduser().exists() and not _looks_like_hub_id(args.model):
         raise CliError(f"unknown model {args.model!r}: use a bundled name ({', '.join(BUNDLED)}), "

@@ -17,7 +17,7 @@ __all__ = ["SolverResult", "Method", "register", "get_method", "available_method
            "check_options", "parse_option"]
 
 # Modules whose import registers methods; a new method module is added here once.
-_METHOD_MODULES = ("minisparse.greedy", "minisparse.fw")
+_METHOD_MODULES = ("minisparse.greedy", "minisparse.fw", "minisparse.proxsparse")
 
 
 @dataclass
@@ -78,7 +78,12 @@ def method_options(method: Method) -> dict[str, Any]:
     import inspect
 
     params = list(inspect.signature(method.solver).parameters.values())[3:]
-    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _RUNTIME}
+
+
+# Arguments an end-to-end method receives from the run itself (CLI flags), not as solver options.
+_RUNTIME = {"seqlen", "seed", "bos_id", "progress"}
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -113,6 +118,12 @@ def check_options(method: Method, options: dict[str, Any], pattern) -> None:
         listing = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
         raise ValueError(f"method {method.name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options (with defaults) are: {listing}")
+    if method.kind == "end2end":
+        try:
+            method.solver(None, None, pattern, **options)
+        except TypeError as err:
+            raise ValueError(f"method {method.name!r}: bad option value ({err})") from None
+        return
     width = 2 * pattern.m if getattr(pattern, "kind", "") == "nm" else 8
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(4, width, generator=gen)

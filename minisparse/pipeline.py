@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .data import calibration_batch, load_text
+from .data import calibration_batch, load_text, tokenize
 from .engine import check_prunable, prune_model
 from .evaluate import perplexity
 from .methods import Method, get_method
@@ -58,8 +58,17 @@ def prune_and_evaluate(model: str | LoadedModel = "smollm2-135m", method: str | 
                           text_name=eval_text, progress=progress)
 
     dense = evaluate() if evaluate_dense else None
-    report = prune_model(lm.model, calib, meth, pat, device=device, batch_size=batch_size,
-                         solver_options=solver_options, progress=progress)
+    if meth.kind == "end2end":
+        # End-to-end methods train on the calibration half's token stream, window by window.
+        stream = tokenize(lm.tokenizer, load_text(calib_text, "calib"))
+        t0 = time.perf_counter()
+        training = meth.solver(lm.model, stream, pat, seqlen=seqlen, seed=seed,
+                               bos_id=lm.tokenizer.bos_token_id if lm.bos else None, progress=progress,
+                               **(solver_options or {}))
+        report = _EndToEndReport(lm.model, pat, training, time.perf_counter() - t0)
+    else:
+        report = prune_model(lm.model, calib, meth, pat, device=device, batch_size=batch_size,
+                             solver_options=solver_options, progress=progress)
     pruned = evaluate()
     result = {
         "minisparse_version": __version__,
@@ -77,4 +86,28 @@ def prune_and_evaluate(model: str | LoadedModel = "smollm2-135m", method: str | 
         **peak_memory(device),
         "engine": report.to_dict(),
     }
+    if meth.kind == "end2end":
+        result["calibration"].update(samples=None, tokens=report.training["tokens"],
+                                     note="end-to-end: steps x batch_size windows drawn from the calibration half")
     return lm, result
+
+
+class _EndToEndReport:
+    """The parts of a PruneReport an end-to-end run can fill: per-matrix sparsity and the training log."""
+
+    def __init__(self, model, pattern, training: dict, seconds: float):
+        from .models import decoder_layers, prunable_linears
+
+        self.training = training
+        self.total_seconds = seconds
+        self.matrices = []
+        for i, layer in enumerate(decoder_layers(model)):
+            for name, lin in prunable_linears(layer).items():
+                zeros = int((lin.weight == 0).sum())
+                self.matrices.append({"layer": i, "name": name, "shape": list(lin.weight.shape),
+                                      "numel": lin.weight.numel(), "zeros": zeros,
+                                      "sparsity": zeros / lin.weight.numel()})
+        self.sparsity = sum(m["zeros"] for m in self.matrices) / max(1, sum(m["numel"] for m in self.matrices))
+
+    def to_dict(self) -> dict:
+        return {"matrices": self.matrices, "training": self.training, "total_seconds": self.total_seconds}

@@ -29,6 +29,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     (["--method", "sparsefw", "--sparsity", "0.5", "-o", "alpha=2"], "alpha (the fraction of kept weights"),
     (["--method", "sparsefw", "--pattern", "2:4", "-o", "warm_start=obs"], "warm_start must be one of"),
     (["--method", "wanda", "--sparsity", "0.5", "-o", "per"], "written KEY=VALUE"),
+    (["--method", "proxsparse", "--sparsity", "0.5"], "ProxSparse learns 2:4 masks"),
+    (["--method", "proxsparse", "--pattern", "2:4", "-o", "lam1=-2"], "lam1 must be a finite number"),
 ])
 def test_bad_input_fails_fast_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -97,3 +99,18 @@ def test_solver_options_reach_the_solver_and_the_report(tmp_path):
     assert all(s["iterations"] == 3 and s["alpha"] == 0.5 and s["warm_start"] == "ria" for s in stats)
     assert all(s["objective"] <= s["objective_warm"] * (1 + 1e-6) for s in stats)
     assert abs(report["measured_sparsity"] - 0.5) < 1e-3
+
+
+@pytest.mark.slow
+def test_proxsparse_from_the_cli_learns_a_24_mask_of_the_original_weights(tmp_path):
+    out = tmp_path / "prox"
+    res = _run("prune", "--method", "proxsparse", "--pattern", "2:4", "-o", "steps=2", "-o", "batch_size=1",
+               "-o", "lam1=1.0", "-o", "log_every=1", "--seqlen", "32", "--eval-windows", "2",
+               "--skip-dense-eval", "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "proxsparse"
+    assert abs(report["measured_sparsity"] - 0.5) < 1e-3
+    log = report["engine"]["training"]["log"]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    assert report["calibration"]["tokens"] == 2 * 32

@@ -1,0 +1,149 @@
+"""The end-to-end training loop and ProxSparse on tiny real architectures: schedule, batches, what is
+trained, exact resume, and the learned 2:4 masks applied to the original weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from minisparse import parse_pattern, topk_mask
+from minisparse.proxsparse import ProxSparseHooks, group_is_24, proxsparse
+from minisparse.train import TrainConfig, TrainHooks, batch_for_step, lr_at, prunable_parameters, train
+
+
+def _stream(n=4000, period=7, seed=0):
+    """A learnable token stream: a short random motif repeated, with a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, 256, (period,), generator=g)
+    s = motif.repeat(n // period + 1)[:n].clone()
+    noise = torch.rand(n, generator=g) < 0.05
+    s[noise] = torch.randint(0, 256, (int(noise.sum()),), generator=g)
+    return s
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=20, lr=1.0, warmup=0.1)
+    lrs = [lr_at(t, cfg) for t in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(1.0 / 18)
+    assert lr_at(20, cfg) == 0.0
+
+
+def test_batches_depend_on_seed_and_step_only():
+    s = _stream()
+    cfg = TrainConfig(batch_size=3, seqlen=16, seed=5)
+    a, b = batch_for_step(s, 4, cfg), batch_for_step(s, 4, cfg)
+    assert torch.equal(a, b) and a.shape == (3, 16)
+    assert not torch.equal(a, batch_for_step(s, 5, cfg))
+    cfg_bos = TrainConfig(batch_size=2, seqlen=16, seed=5, bos=True)
+    assert bool((batch_for_step(s, 0, cfg_bos, bos_id=1)[:, 0] == 1).all())
+    with pytest.raises(ValueError, match="too short"):
+        batch_for_step(s[:10], 0, cfg)
+
+
+def test_training_lowers_the_loss_and_touches_only_the_prunable_weights():
+    model = tiny_model("llama")
+    emb = model.get_input_embeddings().weight.detach().clone()
+    before = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    rep = train(model, _stream(), TrainConfig(steps=40, batch_size=4, seqlen=32, lr=3e-3, log_every=10),
+                progress=False)
+    assert rep.log[-1]["loss"] < rep.log[0]["loss"] - 0.3
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert all(not torch.equal(p, before[n]) for n, p in prunable_parameters(model).items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt(TrainHooks):
+    def __init__(self, inner, at):
+        self.inner, self.at = inner, at
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def setup(self, params):
+        self.inner.setup(params)
+
+    def extra_loss(self, params):
+        return self.inner.extra_loss(params)
+
+    def after_step(self, step, params, lr, opt):
+        self.inner.after_step(step, params, lr, opt)
+        if step == self.at:
+            raise _Stop
+
+    def metrics(self, params):
+        return self.inner.metrics(params)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(tmp_path):
+    s = _stream()
+    kw = dict(steps=12, batch_size=2, seqlen=24, lr=2e-3, log_every=3)
+    full = tiny_model("qwen2", seed=1)
+    ref_hooks = ProxSparseHooks(lam1=0.5, lam2=0.1)
+    ref = train(full, s, TrainConfig(**kw), ref_hooks, progress=False)
+
+    part = tiny_model("qwen2", seed=1)
+    cfg = TrainConfig(**kw, checkpoint_every=4, checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(_Stop):
+        train(part, s, cfg, _StopAt(ProxSparseHooks(lam1=0.5, lam2=0.1), at=9), progress=False)
+    again = tiny_model("qwen2", seed=1)  # a fresh process would reload the model
+    rep = train(again, s, cfg, ProxSparseHooks(lam1=0.5, lam2=0.1), progress=False)
+    assert rep.resumed_from == 8
+    for (n, p), (_, q) in zip(prunable_parameters(full).items(), prunable_parameters(again).items()):
+        assert torch.equal(p, q), n
+    assert [r["loss"] for r in rep.log] == [r["loss"] for r in ref.log]
+    assert [r["mask_change"] for r in rep.log] == [r["mask_change"] for r in ref.log]
+
+    other = TrainConfig(**{**kw, "lr": 1e-3}, checkpoint_every=4, checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tiny_model("qwen2", seed=1), s, other, progress=False)
+
+
+def test_proxsparse_learns_24_and_keeps_the_original_weights_on_the_mask():
+    model = tiny_model("llama", seed=2)
+    original = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    out = proxsparse(model, _stream(), "2:4", lam1=5.0, lr=3e-3, steps=20, batch_size=2, seqlen=32,
+                     log_every=5, progress=False)
+    log = out["log"]
+    assert log[-1]["frac_24"] > log[0]["frac_24"]
+    assert out["learned_exact_24"] > 0.5
+    for n, p in prunable_parameters(model).items():
+        mask = p != 0
+        assert bool(group_is_24(p).all()), n  # at most 2 of every 4 survive
+        assert int(mask.sum()) == p.numel() // 2  # exactly 2 (the original weights have no zeros)
+        assert torch.equal(p[mask], original[n][mask])  # no weight update, only a mask
+
+
+def test_proxsparse_without_regularisation_or_learning_is_magnitude_24():
+    model = tiny_model("mistral", seed=3)
+    original = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    proxsparse(model, _stream(), "2:4", lam1=0.0, lr=1e-12, steps=2, batch_size=1, seqlen=16, progress=False)
+    pat = parse_pattern("2:4")
+    for n, p in prunable_parameters(model).items():
+        assert torch.equal(p, original[n] * topk_mask(original[n].abs(), pat)), n
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"lam1": -1.0}, "lam1"), ({"lam2": float("nan")}, "lam2"), ({"lam_schedule": "cosine"}, "lam_schedule"),
+    ({"steps": 0}, "steps"), ({"warmup": 1.0}, "warmup"), ({"lr": 0.0}, "lr"),
+])
+def test_proxsparse_rejects_bad_options(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        proxsparse(None, None, "2:4", **kwargs)
+
+
+def test_proxsparse_is_24_only():
+    with pytest.raises(ValueError, match="2:4"):
+        proxsparse(None, None, parse_pattern("unstructured", 0.5))
