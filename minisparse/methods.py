@@ -17,7 +17,7 @@ __all__ = ["SolverResult", "Method", "register", "get_method", "available_method
            "check_options", "parse_option"]
 
 # Modules whose import registers methods; a new method module is added here once.
-_METHOD_MODULES = ("minisparse.greedy", "minisparse.fw", "minisparse.proxsparse")
+_METHOD_MODULES = ("minisparse.greedy", "minisparse.fw", "minisparse.proxsparse", "minisparse.admm")
 
 
 @dataclass

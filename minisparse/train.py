@@ -50,6 +50,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
+    optimizer: str = "adamw"  # or "adamw8bit" (8-bit moments, minisparse.optim8)
 
     def check(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("seqlen", 2), ("log_every", 1)):
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1); got {self.warmup!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit'; got {self.optimizer!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
 
@@ -141,7 +144,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 _CKPT = "train_state.pt"
-_SAME = ("steps", "batch_size", "seqlen", "lr", "warmup", "betas", "weight_decay", "clip", "seed", "bos")
+_SAME = ("steps", "batch_size", "seqlen", "lr", "warmup", "betas", "weight_decay", "clip", "seed", "bos", "optimizer")
 
 
 def _save(path: Path, state: dict) -> None:
@@ -182,14 +185,20 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("this model does not support gradient checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        from .optim8 import AdamW8bit
+
+        opt = AdamW8bit(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
     hooks.setup(params)
     report = TrainReport()
     start = 0
     ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else None
     if ckpt_dir is not None and (ckpt_dir / _CKPT).exists():
         state = torch.load(ckpt_dir / _CKPT, map_location="cpu", weights_only=True)
-        saved = state["config"]
+        saved = {"optimizer": "adamw", **state["config"]}
         diff = [k for k in _SAME if (tuple(saved[k]) if k == "betas" else saved[k]) != (tuple(getattr(cfg, k)) if k == "betas" else getattr(cfg, k))]
         if diff:
             raise ValueError(f"the checkpoint in {ckpt_dir} was written with a different configuration "

@@ -1,0 +1,249 @@
+r"""ADMM on the true loss (ELSA; Lee et al.), as hooks around any torch optimizer, and its low-precision
+variant ELSA-L.
+
+For :math:`\min_x f(x)` subject to :math:`x \in S` (a sparsity pattern per weight matrix) ADMM keeps a
+feasible copy :math:`z \in S`, a scaled dual :math:`u` and a penalty :math:`\lambda`, and alternates
+
+- x-update: optimizer steps on :math:`f(x) + \tfrac{\lambda}{2}\|x - z + u\|^2`, i.e. the gradient gets
+  :math:`\lambda (x - z + u)` added before the step (:meth:`ADMM.before_step`);
+- every ``interval`` steps: :math:`z \leftarrow \Pi_S(x + u)`, :math:`u \leftarrow u + x - z`
+  (:meth:`ADMM.after_step`); when :math:`\lambda` changes, :math:`u` is rescaled by
+  :math:`\lambda_\text{old}/\lambda_\text{new}` so the unscaled dual :math:`\lambda u` is unchanged.
+
+:math:`z_0 = \Pi_S(x_0)` (magnitude projection of the dense weights), :math:`u_0 = 0`, and the final
+model is :math:`\Pi_S(x)`. The projection keeps, per pattern group, the largest scores: ``|v|``
+(magnitude, the Euclidean projection) or, objective-aware, ``h ⊙ v²`` with ``h`` the optimizer's
+second moment (Adam's ``exp_avg_sq``: a diagonal empirical Fisher), as ELSA does.
+
+ELSA-L stores :math:`z` in FP8 (e4m3, one scale per tensor) and :math:`u` in BF16; with the 8-bit
+optimizer of :mod:`minisparse.optim8` the whole state shrinks (see :func:`state_bytes`).
+
+The class knows nothing about language models: the book drives a toy network with it in a ten-line
+loop, and :func:`elsa` drives the LLM through :func:`minisparse.train.train`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .methods import register
+from .patterns import Pattern, parse_pattern, topk_mask
+from .train import TrainConfig, TrainHooks, prunable_parameters, train
+
+__all__ = ["ADMM", "elsa", "penalty_at", "state_bytes", "FP8"]
+
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def _to_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 tensor, float32 scale) with one scale per tensor: t ≈ q.float() * scale."""
+    amax = t.detach().abs().max().float()
+    scale = amax / _FP8_MAX if float(amax) > 0 else torch.ones((), dtype=torch.float32, device=t.device)
+    return (t.float() / scale).to(FP8), scale
+
+
+def penalty_at(step: int, lam: float, schedule: str, steps: int, lam_final: float | None) -> float:
+    """ADMM penalty at a step: ``constant``, or ``increasing`` geometrically from lam to lam_final."""
+    if schedule == "constant":
+        return lam
+    final = lam_final if lam_final is not None else 100.0 * lam
+    frac = min(1.0, step / max(1, steps))
+    return lam * (final / lam) ** frac
+
+
+class ADMM(TrainHooks):
+    """ADMM state and updates for a dict of weight tensors; see the module docstring.
+
+    ``pattern``: the constraint set S (unstructured is per matrix). ``lam``: penalty; ``interval``: optimizer
+    steps between z/u updates; ``projection``: ``"magnitude"`` or ``"fisher"``; ``schedule``:
+    ``"constant"`` or ``"increasing"`` (geometric from ``lam`` to ``lam_final`` over ``steps``);
+    ``low_precision``: ELSA-L's FP8 z and BF16 u.
+    """
+
+    def __init__(self, pattern: Pattern | str, sparsity: float | None = None, *, lam: float = 0.01,
+                 interval: int = 32, projection: str = "magnitude", schedule: str = "constant",
+                 steps: int = 1, lam_final: float | None = None, low_precision: bool = False):
+        self.pattern = parse_pattern(pattern, sparsity)
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ValueError(f"the ADMM penalty lam must be a positive number; got {lam!r}")
+        if int(interval) < 1:
+            raise ValueError(f"interval must be a positive integer; got {interval!r}")
+        if projection not in ("magnitude", "fisher"):
+            raise ValueError(f"projection must be 'magnitude' or 'fisher'; got {projection!r}")
+        if schedule not in ("constant", "increasing"):
+            raise ValueError(f"schedule must be 'constant' or 'increasing'; got {schedule!r}")
+        self.lam0, self.lam, self.interval = float(lam), float(lam), int(interval)
+        self.projection, self.schedule, self.steps, self.lam_final = projection, schedule, int(steps), lam_final
+        self.low_precision = bool(low_precision)
+        self.z: dict[str, torch.Tensor] = {}
+        self.z_scale: dict[str, torch.Tensor] = {}
+        self.u: dict[str, torch.Tensor] = {}
+        self.last: dict[str, float] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- state in (possibly) low precision ---------------------------------------------------------
+    def _get_z(self, n: str) -> torch.Tensor:
+        z = self.z[n]
+        return z.float() * self.z_scale[n] if z.dtype == FP8 else z
+
+    def _set_z(self, n: str, value: torch.Tensor) -> None:
+        if self.low_precision:
+            self.z[n], self.z_scale[n] = _to_fp8(value)
+        else:
+            self.z[n] = value.detach().clone()
+
+    def _get_u(self, n: str) -> torch.Tensor:
+        u = self.u[n]
+        return u.float() if u.dtype == torch.bfloat16 else u
+
+    def _set_u(self, n: str, value: torch.Tensor) -> None:
+        self.u[n] = value.to(torch.bfloat16) if self.low_precision else value.detach().clone()
+
+    # -- the projection ----------------------------------------------------------------------------
+    def _second_moment(self, p: nn.Parameter) -> torch.Tensor | None:
+        if self.optimizer is None:
+            return None
+        state = self.optimizer.state.get(p, {})
+        if "exp_avg_sq" in state:
+            return state["exp_avg_sq"]
+        if hasattr(self.optimizer, "second_moment"):
+            return self.optimizer.second_moment(p)
+        return None
+
+    def project(self, v: torch.Tensor, p: nn.Parameter | None = None) -> torch.Tensor:
+        """Π_S(v): keep the largest |v| (or h·v² for the Fisher projection) allowed by the pattern."""
+        score = v.abs()
+        if self.projection == "fisher" and p is not None:
+            h = self._second_moment(p)
+            if h is not None:
+                score = h.float() * v.float() ** 2
+        return v * topk_mask(score, self.pattern)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def setup(self, params: dict[str, nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.pattern.check_shape(tuple(p.shape))
+            with torch.no_grad():
+                self._set_z(n, self.project(p.detach(), None))  # z0 = magnitude projection of the dense weights
+                self._set_u(n, torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32))
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give the projection access to the optimizer's second moments (the Fisher projection)."""
+        self.optimizer = optimizer
+
+    def penalty_grad(self, n: str, p: torch.Tensor) -> torch.Tensor:
+        return self.lam * (p.detach() - self._get_z(n) + self._get_u(n))
+
+    def before_step(self, step: int, params: dict[str, nn.Parameter]) -> None:
+        for n, p in params.items():
+            pen = self.penalty_grad(n, p)
+            if p.grad is None:
+                p.grad = pen.to(p.dtype)
+            else:
+                p.grad.add_(pen.to(p.grad.dtype))
+
+    def after_step(self, step: int, params: dict[str, nn.Parameter], lr: float = 0.0,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+        if optimizer is not None:
+            self.optimizer = optimizer
+        if (step + 1) % self.interval:
+            return
+        new_lam = penalty_at(step + 1, self.lam0, self.schedule, self.steps, self.lam_final)
+        primal = dual = norm = 0.0
+        for n, p in params.items():
+            x = p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
+            u = self._get_u(n).to(x.dtype)
+            if new_lam != self.lam:
+                u = u * (self.lam / new_lam)
+            z_old = self._get_z(n)
+            z = self.project(x + u, p)
+            u = u + x - z
+            self._set_z(n, z)
+            self._set_u(n, u)
+            primal += float(((x - z) ** 2).sum())
+            dual += float(((z - z_old) ** 2).sum())
+            norm += float((x ** 2).sum())
+        self.lam = new_lam
+        self.last = {"primal_residual": math.sqrt(primal / max(norm, 1e-30)),
+                     "dual_residual": new_lam * math.sqrt(dual / max(norm, 1e-30)), "lam": new_lam}
+
+    def metrics(self, params: dict[str, nn.Parameter]) -> dict[str, float]:
+        outside = norm = 0.0
+        for p in params.values():
+            x = p.detach().float()
+            outside += float(((x - self.project(x)) ** 2).sum())
+            norm += float((x ** 2).sum())
+        return {**self.last, "mass_outside": outside / max(norm, 1e-30)}
+
+    def finalize(self, params: dict[str, nn.Parameter]) -> None:
+        """x ← Π_S(x): the final, feasible model."""
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(self.project(p.detach(), p))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"z": self.z, "z_scale": self.z_scale, "u": self.u, "lam": self.lam, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.z, self.z_scale, self.u = dict(state["z"]), dict(state["z_scale"]), dict(state["u"])
+        self.lam, self.last = float(state["lam"]), dict(state["last"])
+
+    def bytes_per_param(self) -> float:
+        """Measured bytes of z and u (and z's scale) per parameter."""
+        total = sum(t.numel() * t.element_size() for d in (self.z, self.u, self.z_scale) for t in d.values())
+        count = sum(t.numel() for t in self.u.values())
+        return total / max(1, count)
+
+
+def state_bytes(low_precision: bool, optimizer_bits: int = 32, weight_bytes: int = 4, grad_bytes: int = 4) -> dict:
+    """Bytes per trained parameter of the whole training state: weight, gradient, two Adam moments, z, u."""
+    moments = 2 * (4 if optimizer_bits == 32 else 1)
+    z, u = (1, 2) if low_precision else (4, 4)
+    parts = {"weight": weight_bytes, "grad": grad_bytes, "adam_moments": moments, "z": z, "u": u}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@register("elsa", kind="end2end",
+          description="ADMM on the model's loss with a sparsity projection (ELSA; low_precision=true: ELSA-L)")
+def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern | str, *, lam: float = 0.01,
+         interval: int = 32, projection: str = "fisher", schedule: str = "constant", lam_final: float | None = None,
+         low_precision: bool = False, optimizer: str = "adamw", lr: float = 2e-4, steps: int = 256,
+         batch_size: int = 2, warmup: float = 0.0, clip: float = 1.0, grad_checkpointing: bool = False,
+         log_every: int = 8, checkpoint_every: int = 0, checkpoint_dir: str | None = None,
+         seqlen: int = 512, seed: int = 0, bos_id: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """ELSA / ELSA-L on every prunable Linear of ``model``; the final weights are Π_S(x).
+
+    Defaults follow the released recipe where it fits a CPU (lr 2e-4, lam 0.01 constant, interval 32,
+    Adam betas (0.9, 0.95), clipping 1.0, Fisher projection); ``steps`` and ``batch_size`` set the token
+    budget (steps x batch_size x seqlen). ``optimizer="adamw8bit"`` uses 8-bit moments. Called with
+    ``model=None`` it only validates the options.
+    """
+    pat = parse_pattern(pattern)
+    if optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit'; got {optimizer!r}")
+    cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), seqlen=int(seqlen), lr=float(lr),
+                      warmup=float(warmup), betas=(0.9, 0.95), clip=float(clip) if clip else None, seed=int(seed),
+                      bos=bos_id is not None, grad_checkpointing=bool(grad_checkpointing), log_every=int(log_every),
+                      checkpoint_every=int(checkpoint_every), checkpoint_dir=checkpoint_dir, optimizer=optimizer)
+    cfg.check()
+    hooks = ADMM(pat, lam=lam, interval=interval, projection=projection, schedule=schedule, steps=cfg.steps,
+                 lam_final=lam_final, low_precision=low_precision)
+    if model is None:
+        return {}
+    params = prunable_parameters(model)
+    for n, p in params.items():
+        pat.check_shape(tuple(p.shape))
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{n}: the weight contains NaN or inf; cannot prune a non-finite layer")
+    report = train(model, stream, cfg, hooks, params, bos_id=bos_id, progress=progress)
+    hooks.finalize(params)
+    return {"method": "elsa", "config": {**cfg.__dict__, "lam": lam, "interval": interval, "projection": projection,
+                                           "schedule": schedule, "low_precision": low_precision},
+            "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
+            "resumed_from": report.resumed_from, "admm_state_bytes_per_param": hooks.bytes_per_param(),
+            "state_bytes_model": state_bytes(low_precision, 8 if optimizer == "adamw8bit" else 32)}
