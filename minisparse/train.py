@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainConfig", "TrainHooks", "TrainReport", "train", "batch_for_step", "lr_at", "prunable_parameters"]
+__all__ = ["TrainConfig", "TrainHooks", "TrainReport", "FixedMask", "train", "batch_for_step", "lr_at",
+           "prunable_parameters"]
 
 
 @dataclass
@@ -263,3 +264,33 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
     report.tokens = cfg.steps * tokens_per_step
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class FixedMask(TrainHooks):
+    """Fine-tune the kept weights with the mask fixed (the "prune, then fine-tune" baseline).
+
+    The mask is read from the weights at setup (zeros are pruned); gradients of pruned weights are
+    zeroed before the step and the weights re-masked after it, so AdamW's weight decay or momentum
+    cannot revive them.
+    """
+
+    def __init__(self) -> None:
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def setup(self, params: dict[str, nn.Parameter]) -> None:
+        self.masks = {n: p.detach() != 0 for n, p in params.items()}
+
+    def before_step(self, step: int, params: dict[str, nn.Parameter]) -> None:
+        for n, p in params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[n])
+
+    def after_step(self, step, params, lr, optimizer) -> None:
+        for n, p in params.items():
+            p.mul_(self.masks[n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = dict(state["masks"])

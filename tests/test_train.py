@@ -147,3 +147,18 @@ def test_proxsparse_rejects_bad_options(kwargs, needle):
 def test_proxsparse_is_24_only():
     with pytest.raises(ValueError, match="2:4"):
         proxsparse(None, None, parse_pattern("unstructured", 0.5))
+
+
+def test_fixed_mask_fine_tuning_keeps_pruned_weights_at_zero():
+    from minisparse.train import FixedMask
+
+    model = tiny_model("llama", seed=6)
+    with torch.no_grad():
+        for p in prunable_parameters(model).values():
+            p.mul_(topk_mask(p.abs(), parse_pattern("unstructured", 0.7)))
+    before = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    train(model, _stream(), TrainConfig(steps=6, batch_size=2, seqlen=16, lr=1e-2, weight_decay=0.1),
+          FixedMask(), progress=False)
+    for n, p in prunable_parameters(model).items():
+        assert torch.equal(p == 0, before[n] == 0), n  # the same mask
+        assert not torch.equal(p, before[n]), n  # the kept weights were trained
