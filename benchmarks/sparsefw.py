@@ -8,6 +8,7 @@ in parts across sessions:
 
     .venv/bin/python benchmarks/sparsefw.py --settings 0.6 2:4 --alphas 0.9
     .venv/bin/python benchmarks/sparsefw.py --curve --layers 3 15 27     # layer error vs iterations
+    .venv/bin/python benchmarks/sparsefw.py --timing --layers 3 --iterations 100 --settings 0.6 2:4
     .venv/bin/python benchmarks/sparsefw.py --summarize                  # rebuild sparsefw.csv
 
 Every run goes through minisparse.pipeline.prune_and_evaluate, the function behind `minisparse prune`:
@@ -109,6 +110,31 @@ def curve(args) -> None:
             _write(path, out)
 
 
+def timing(args) -> None:
+    """Seconds per FW iteration against one dense W @ G, for every matrix of a few layers."""
+    from minisparse import calibration_batch, collect_grams, load_model, load_text, parse_pattern, sparsefw
+
+    lm = load_model("smollm2-135m")
+    ids = calibration_batch(lm.tokenizer, load_text("wikipedia", "calib"), 16, 256, seed=args.seed, bos=lm.bos)
+    rows = []
+    for layer in args.layers:
+        for name, (W, G) in collect_grams(lm.model, ids, layer).items():
+            for setting in args.settings:
+                pattern, sparsity = _pattern(setting)
+                for alpha in args.alphas:
+                    s = sparsefw(W, G, parse_pattern(pattern, sparsity), iterations=args.iterations, alpha=alpha,
+                                 step=args.step).stats
+                    rows.append({"layer": layer, "matrix": name, "shape": list(W.shape), "setting": setting,
+                                 "alpha": alpha, "seconds_per_iteration": s["seconds_per_iteration"],
+                                 "matmul_seconds": s["matmul_seconds"], "ratio": s["iteration_over_matmul"],
+                                 "updates": {k: s[k] for k in ("dense_updates", "direct_updates", "delta_updates")}})
+                    print(rows[-1], flush=True)
+    import platform
+    _write(OUT / "timing.json", {"rows": rows, "iterations": args.iterations, "threads": torch.get_num_threads(),
+                                 "torch": torch.__version__, "machine": platform.platform(),
+                                 "load_average": list(os.getloadavg())})
+
+
 def summarize() -> Path:
     rows = []
     for path in sorted(OUT.glob("*.json")):
@@ -155,6 +181,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=100)
     ap.add_argument("--curve", action="store_true", help="layer error against iterations on a few layers")
+    ap.add_argument("--timing", action="store_true", help="seconds per iteration against one W @ G, per matrix")
     ap.add_argument("--layers", nargs="+", type=int, default=[3, 15, 27])
     ap.add_argument("--trace-every", type=int, default=25)
     ap.add_argument("--redo", action="store_true", help="rerun runs that already have a result")
@@ -162,6 +189,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.curve:
         curve(args)
+        return
+    if args.timing:
+        timing(args)
         return
     if not args.summarize:
         runs(args)

@@ -77,9 +77,9 @@ def group_budget(pattern: Pattern, shape: tuple[int, int]) -> int:
 def _top_flat(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries of a 1-D tensor (any k of them where values tie).
 
-    A large vector is not fully selected: a strided sample gives two thresholds that bracket the k-th
-    value, everything above the upper one is kept and only the band between them goes through topk.
-    Falls back to a full topk when the bracket misses.
+    A large vector is not fully selected: the quantile of a strided sample gives a threshold that k
+    plus a safety margin of entries exceed; topk runs on those candidates only. Falls back to a full
+    topk when the sample's threshold misses.
     """
     n = x.numel()
     out = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -90,24 +90,20 @@ def _top_flat(x: torch.Tensor, k: int) -> torch.Tensor:
     if n < (1 << 16):
         out[torch.topk(x, k, sorted=False).indices] = True
         return out
-    stride = max(1, n // 16384)
+    stride = max(1, n // 4096)
     sample = x[::stride]
     s = sample.numel()
     pos = k * s / n
     margin = 8.0 * math.sqrt(pos * (1 - k / n)) + 16
-    vals = torch.sort(sample, descending=True).values
-    hi = vals[max(0, int(pos - margin))]
-    lo = vals[min(s - 1, int(pos + margin))]
-    above = x > hi
-    count_hi = int(above.sum())
-    band = (x > lo) & ~above
-    band_idx = band.nonzero().squeeze(1)
-    if count_hi <= k <= count_hi + band_idx.numel() and bool(torch.isfinite(hi)):
-        need = k - count_hi
-        out = above
-        if need:
-            pick = torch.topk(x[band_idx], need, sorted=False).indices
-            out[band_idx[pick]] = True
+    rank = min(s - 1, int(pos + margin))
+    lo = torch.kthvalue(sample, s - rank).values  # about rank+1 sample entries are >= lo
+    cand = (x >= lo).nonzero().squeeze(1) if bool(torch.isfinite(lo)) else None
+    if cand is not None and k <= cand.numel() <= max(2 * k, k + n // 8):
+        vals = x[cand]
+        if cand.numel() == k:
+            out[cand] = True
+        else:
+            out[cand[torch.topk(vals, k, sorted=False).indices]] = True
         return out
     out[torch.topk(x, k, sorted=False).indices] = True
     return out
@@ -130,22 +126,26 @@ def _small_group_rank(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rank, dim=1)
 
 
-def lmo(score: torch.Tensor, allowed: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+def lmo(score: torch.Tensor, allowed: torch.Tensor | None, budget: torch.Tensor) -> torch.Tensor:
     """The LMO of ``{M ∈ [0,1]: M = 0 off ``allowed``, Σ_group M <= budget}`` for ``-score`` as gradient.
 
     ``score``, ``allowed`` have the grouped shape (groups, size); ``budget`` is (groups,) long. In each
     group the at most ``budget`` allowed entries with the largest *positive* score are set to 1: the
-    vertex minimising ``<-score, V>``. Returns a bool tensor of the grouped shape.
+    vertex minimising ``<-score, V>``. Returns a bool tensor of the grouped shape. ``allowed=None``
+    allows every entry (a caller can exclude entries more cheaply by giving them a score <= 0).
     """
-    pos = allowed & (score > 0)
     groups, size = score.shape
     if groups == 1:
         k = int(budget[0])
-        if int(pos.sum()) <= k:
-            return pos
-        # at least k entries are positive, so the k largest of x are all allowed and positive
-        x = score.reshape(-1).masked_fill(~pos.reshape(-1), -math.inf)
+        x = score.reshape(-1)
+        if allowed is not None:
+            x = x.masked_fill(~allowed.reshape(-1), -math.inf)
+        positive = x > 0
+        if int(torch.count_nonzero(positive)) <= k:
+            return positive.reshape(groups, size)
+        # at least k allowed entries are positive, so the k largest of x are allowed and positive
         return _top_flat(x, k).reshape(groups, size)
+    pos = score > 0 if allowed is None else allowed & (score > 0)
     x = score.masked_fill(~pos, -math.inf)
     if size <= 8:
         rank = _small_group_rank(x)
@@ -282,8 +282,8 @@ def sparsefw(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, *, iterati
         WG = W @ Gd
         matmul_seconds = min(matmul_seconds, time.perf_counter() - t0)
     f_dense = float((W.double() * WG.double()).sum())
-    free_w = torch.where(allowed, Wg, torch.zeros_like(Wg)).reshape(shape)  # W ⊙ (1 - F)
-    C = free_w @ Gd  # (W ⊙ (1-F)) G
+    Wfree = torch.where(allowed, Wg, torch.zeros_like(Wg))  # W ⊙ (1 - F), grouped
+    C = Wfree.reshape(shape) @ Gd  # (W ⊙ (1-F)) G
     Cg = C.reshape(gshape)
 
     stats: dict[str, Any] = {
@@ -314,11 +314,13 @@ def sparsefw(weight: torch.Tensor, G: torch.Tensor, pattern: Pattern, *, iterati
         if t and t % refresh == 0:  # wash out the rounding drift of the maintained products
             R = ((Wg * M).reshape(shape) @ Gd).reshape(gshape)
             P = (torch.where(V, Wg, zero).reshape(shape) @ Gd).reshape(gshape)
-        A = torch.sub(Cg, R).mul_(Wg)  # W ⊙ (E G) = -∇f / 2
-        V_new = lmo(A, allowed, budget)
+        # W ⊙ (E G) = -∇f / 2 on the free entries; 0 on the fixed ones, which the LMO (positive
+        # scores only) therefore never picks, and which no sum below sees (M, V, 1-F are 0 there)
+        A = torch.sub(Cg, R).mul_(Wfree)
+        V_new = lmo(A, None, budget)
         changed = V_new ^ V
-        nnz = int(changed.sum())
-        direct = int(V_new.sum())
+        nnz = int(torch.count_nonzero(changed))
+        direct = int(torch.count_nonzero(V_new))
         changes_total += nnz
         if min(nnz, direct) > dense_fraction * weight.numel():
             P = (torch.where(V_new, Wg, zero).reshape(shape) @ Gd).reshape(gshape)
