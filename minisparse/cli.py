@@ -96,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(e, defaults_from_report=True)
 
     sub.add_parser("methods", help="list the pruning methods", description="List the registered pruning methods.")
+
+    pl = sub.add_parser("plan", help="predict the peak memory of a pruning run from the model's config alone",
+                        description="Predict peak device and host memory of `minisparse prune` for a model "
+                                    "config (no weights are loaded), term by term: layer weights, calibration "
+                                    "hidden states, Gram matrices, forward temporaries and solver workspace for "
+                                    "layer-wise methods; weights, gradients, optimizer and ADMM states, "
+                                    "activations and logits for end-to-end methods.",
+                        epilog="models: llama-2-7b, llama-2-13b, llama-3.1-8b, qwen2.5-14b, gemma-2-27b (configs "
+                               "shipped), a bundled name, a config.json or checkpoint directory, or a hub id "
+                               "(online).", formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("--model", required=True, help="known name, bundled name, config.json, directory or hub id")
+    pl.add_argument("--method", default="sparsegpt", help="magnitude, wanda, ria, sparsegpt, sparsefw, proxsparse, "
+                                                         "elsa, elsa-l (default: %(default)s)")
+    pl.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    pl.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: %(default)s)")
+    pl.add_argument("--batch-size", type=int, default=8, help="windows per forward; for end-to-end methods the "
+                                                             "training batch (default: %(default)s)")
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--device", default="cuda", help="cuda (one layer on the GPU, the rest on the host) or cpu")
+    pl.add_argument("--grad-checkpointing", action="store_true", help="end-to-end methods: checkpoint activations")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -237,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
                 opts = method_options(m)
                 if opts:
                     print(" " * 24 + "options: " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+            return 0
+        if args.command == "plan":
+            from .plan import format_plan, plan
+
+            try:
+                p = plan(args.model, args.method, calib_samples=args.calib_samples, seqlen=args.seqlen,
+                         batch_size=args.batch_size, steps_batch=args.batch_size, dtype=args.dtype,
+                         device="cpu" if args.device == "cpu" else "cuda", grad_checkpointing=args.grad_checkpointing)
+            except ValueError as err:
+                raise CliError(str(err)) from None
+            print(json.dumps(p, indent=2) if args.json else format_plan(p))
             return 0
         result = _prune(args) if args.command == "prune" else _eval(args)
     except CliError as err:
