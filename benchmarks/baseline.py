@@ -16,10 +16,7 @@ so a row can be reproduced with e.g.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,22 +25,16 @@ from minisparse.evaluate import perplexity
 from minisparse.models import load_model
 from minisparse.pipeline import prune_and_evaluate
 
+from _common import pattern_args, write_csv, write_json  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "baseline"
 METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
 SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4"]
 
 
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
-def _pattern(setting: str) -> tuple[str, float | None]:
-    return (setting, None) if ":" in setting else ("unstructured", float(setting))
 
 
 def summarize() -> Path:
@@ -64,11 +55,7 @@ def summarize() -> Path:
             "eval": f'{r["eval"]["windows"]}x{r["eval"]["seqlen"]}',
         })
     target = HERE / "results" / "baseline.csv"
-    with open(target, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return target
+    return write_csv(rows, target, "method")
 
 
 def main() -> None:
@@ -86,18 +73,18 @@ def main() -> None:
         if not (OUT / "dense.json").exists() or args.redo:
             lm = load_model("smollm2-135m")
             dense = perplexity(lm.model, lm.tokenizer, None, args.seqlen, args.eval_windows, progress=True)
-            _write(OUT / "dense.json", {**dense, "torch_threads": torch.get_num_threads()})
+            write_json(OUT / "dense.json", {**dense, "torch_threads": torch.get_num_threads()})
             print("dense", dense["ppl"], flush=True)
         for setting in args.settings:
             for method in args.methods:
                 path = OUT / f"{method}-{setting.replace(':', 'of')}.json"
                 if path.exists() and not args.redo:
                     continue
-                pattern, sparsity = _pattern(setting)
+                pattern, sparsity = pattern_args(setting)
                 _, result = prune_and_evaluate("smollm2-135m", method, pattern, sparsity,
                                                calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
                                                eval_windows=args.eval_windows, evaluate_dense=False, progress=True)
-                _write(path, result)
+                write_json(path, result)
                 print(method, setting, "ppl", round(result["pruned_ppl"], 2), "prune s", round(result["prune_seconds"]),
                       flush=True)
     print(summarize())

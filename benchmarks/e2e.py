@@ -20,27 +20,22 @@ runs checkpoint under benchmarks/results/e2e/ckpt/ and resume exactly when resta
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from minisparse.train import HookWrapper
+
+from _common import write_csv, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "e2e"
 METHODS = ("proxsparse", "elsa", "elsa-l", "sparsegpt+ft", "wanda+ft")
 
 
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _pattern(setting: str):
@@ -55,28 +50,17 @@ def _option(text: str):
     return parse_option(text)
 
 
-class _Curve:
-    """Wraps a method's hooks: every ``every`` steps, evaluate the feasible model on a few windows."""
+class Curve(HookWrapper):
+    """Every ``every`` steps, evaluate the feasible model on a few windows (the weights are restored)."""
 
     def __init__(self, inner, every, feasible, evaluate, tokens_per_step):
-        self.inner, self.every, self.feasible, self.evaluate = inner, every, feasible, evaluate
+        super().__init__(inner)
+        self.every, self.feasible, self.evaluate = every, feasible, evaluate
         self.tokens_per_step = tokens_per_step
         self.points: list[dict] = []
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def setup(self, params):
-        self.inner.setup(params)
-
-    def extra_loss(self, params):
-        return self.inner.extra_loss(params)
-
-    def before_step(self, step, params):
-        self.inner.before_step(step, params)
-
     def after_step(self, step, params, lr, optimizer):
-        self.inner.after_step(step, params, lr, optimizer)
+        super().after_step(step, params, lr, optimizer)
         if self.every and (step + 1) % self.every == 0:
             saved = {n: p.detach().clone() for n, p in params.items()}
             self.feasible(params)
@@ -87,15 +71,13 @@ class _Curve:
             self.points.append({"step": step + 1, "tokens": (step + 1) * self.tokens_per_step, "ppl": ppl})
             print(f"  step {step + 1}: ppl {ppl:.2f}", flush=True)
 
-    def metrics(self, params):
-        return self.inner.metrics(params)
-
     def state_dict(self):
         return {"inner": self.inner.state_dict(), "points": self.points}
 
     def load_state_dict(self, state):
         self.inner.load_state_dict(state["inner"])
         self.points = list(state["points"])
+
 
 
 def run(args, method: str, setting: str) -> Path:
@@ -163,7 +145,7 @@ def run(args, method: str, setting: str) -> Path:
 
         def feasible(ps):
             return None
-    curve = _Curve(hooks, args.curve_every, feasible, evaluate, args.batch_size * args.seqlen)
+    curve = Curve(hooks, args.curve_every, feasible, evaluate, args.batch_size * args.seqlen)
     if before is not None:
         curve.points.append({"step": 0, "tokens": 0, "ppl": before})
     report = train(model, stream, cfg, curve, params, bos_id=tok.bos_token_id if lm.bos else None, progress=True)
@@ -183,7 +165,7 @@ def run(args, method: str, setting: str) -> Path:
     if method.startswith("elsa"):
         result["admm_state_bytes_per_param"] = hooks.bytes_per_param()
         result["state_bytes_model"] = state_bytes(method == "elsa-l", 8 if method == "elsa-l" else 32)
-    _write(path, result)
+    write_json(path, result)
     shutil.rmtree(OUT / "ckpt" / name, ignore_errors=True)
     print(path.name, "ppl", round(ppl["ppl"], 2), flush=True)
     return path
@@ -198,11 +180,7 @@ def summarize() -> Path:
                      "train_seconds": round(r["train_seconds"], 1), "options": json.dumps(r["options"]),
                      "peak_rss_mb": round(r.get("peak_rss_mb", 0))})
     target = HERE / "results" / "e2e.csv"
-    with open(target, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return target
+    return write_csv(rows, target, "method")
 
 
 def main() -> None:

@@ -22,39 +22,29 @@ objective of the rounded mask, relative to the warm start.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _common import pattern_args, tag, write_csv, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "sparsefw"
 BASELINE = HERE / "results" / "baseline"
 
 
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
-def _pattern(setting: str) -> tuple[str, float | None]:
-    return (setting, None) if ":" in setting else ("unstructured", float(setting))
 
 
-def _tag(setting: str) -> str:
-    return setting.replace(":", "of")
 
 
 def run_name(warm: str, alpha: float, iterations: int, step: str, setting: str) -> str:
-    return f"{warm}-a{alpha:g}-T{iterations}-{step}-{_tag(setting)}"
+    return f"{warm}-a{alpha:g}-T{iterations}-{step}-{tag(setting)}"
 
 
 def runs(args) -> None:
@@ -66,14 +56,14 @@ def runs(args) -> None:
                 path = OUT / f"{run_name(warm, alpha, args.iterations, args.step, setting)}.json"
                 if path.exists() and not args.redo:
                     continue
-                pattern, sparsity = _pattern(setting)
+                pattern, sparsity = pattern_args(setting)
                 options = {"alpha": alpha, "warm_start": warm, "iterations": args.iterations, "step": args.step}
                 _, result = prune_and_evaluate("smollm2-135m", "sparsefw", pattern, sparsity,
                                                calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
                                                eval_windows=args.eval_windows, evaluate_dense=False,
                                                solver_options=options, progress=True)
                 result["torch_threads"] = torch.get_num_threads()
-                _write(path, result)
+                write_json(path, result)
                 print(path.name, "ppl", round(result["pruned_ppl"], 2), "prune s", round(result["prune_seconds"]),
                       flush=True)
 
@@ -85,10 +75,10 @@ def curve(args) -> None:
     ids = calibration_batch(lm.tokenizer, load_text("wikipedia", "calib"), args.calib_samples, args.seqlen,
                             seed=args.seed, bos=lm.bos)
     for setting in args.settings:
-        pattern, sparsity = _pattern(setting)
+        pattern, sparsity = pattern_args(setting)
         pat = parse_pattern(pattern, sparsity)
         for layer in args.layers:
-            path = OUT / "curve" / f"layer{layer}-{_tag(setting)}-T{args.iterations}-{args.step}.json"
+            path = OUT / "curve" / f"layer{layer}-{tag(setting)}-T{args.iterations}-{args.step}.json"
             if path.exists() and not args.redo:
                 continue
             grams = collect_grams(lm.model, ids, layer)
@@ -107,7 +97,7 @@ def curve(args) -> None:
                                               "matmul_seconds", "iteration_over_matmul", "trace")}
                         print(layer, name, warm, alpha, f"reduction {s['reduction_rounded']:.3f}",
                               f"{time.perf_counter() - t0:.1f}s", flush=True)
-            _write(path, out)
+            write_json(path, out)
 
 
 def timing(args) -> None:
@@ -120,7 +110,7 @@ def timing(args) -> None:
     for layer in args.layers:
         for name, (W, G) in collect_grams(lm.model, ids, layer).items():
             for setting in args.settings:
-                pattern, sparsity = _pattern(setting)
+                pattern, sparsity = pattern_args(setting)
                 for alpha in args.alphas:
                     s = sparsefw(W, G, parse_pattern(pattern, sparsity), iterations=args.iterations, alpha=alpha,
                                  step=args.step).stats
@@ -130,7 +120,7 @@ def timing(args) -> None:
                                  "updates": {k: s[k] for k in ("dense_updates", "direct_updates", "delta_updates")}})
                     print(rows[-1], flush=True)
     import platform
-    _write(OUT / "timing.json", {"rows": rows, "iterations": args.iterations, "threads": torch.get_num_threads(),
+    write_json(OUT / "timing.json", {"rows": rows, "iterations": args.iterations, "threads": torch.get_num_threads(),
                                  "torch": torch.__version__, "machine": platform.platform(),
                                  "load_average": list(os.getloadavg())})
 
@@ -146,7 +136,7 @@ def summarize() -> Path:
         ratio = [m["stats"]["iteration_over_matmul"] for m in mats if m["stats"].get("iteration_over_matmul")]
         spi = [m["stats"]["seconds_per_iteration"] for m in mats if m["stats"].get("seconds_per_iteration")]
         setting = r["pattern"].replace("unstructured:", "")
-        warm_file = BASELINE / f"{opts['warm_start']}-{_tag(setting)}.json"
+        warm_file = BASELINE / f"{opts['warm_start']}-{tag(setting)}.json"
         warm_ppl = json.loads(warm_file.read_text())["pruned_ppl"] if warm_file.exists() else None
         rows.append({
             "warm_start": opts["warm_start"], "alpha": opts["alpha"], "iterations": opts["iterations"],
@@ -162,11 +152,7 @@ def summarize() -> Path:
             "calib": f'{r["calibration"]["samples"]}x{r["calibration"]["seqlen"]} seed {r["calibration"]["seed"]}',
         })
     target = HERE / "results" / "sparsefw.csv"
-    with open(target, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["warm_start"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return target
+    return write_csv(rows, target, "warm_start")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .methods import register
 from .patterns import Pattern, parse_pattern, topk_mask
-from .train import TrainConfig, TrainHooks, prunable_parameters, train
+from .train import TrainConfig, TrainHooks, checked_parameters, train
 
 __all__ = ["ADMM", "elsa", "penalty_at", "state_bytes", "FP8"]
 
@@ -235,11 +235,7 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
                  lam_final=lam_final, low_precision=low_precision)
     if model is None:
         return {}
-    params = prunable_parameters(model)
-    for n, p in params.items():
-        pat.check_shape(tuple(p.shape))
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{n}: the weight contains NaN or inf; cannot prune a non-finite layer")
+    params = checked_parameters(model, pat)
     report = train(model, stream, cfg, hooks, params, bos_id=bos_id, progress=progress)
     hooks.finalize(params)
     return {"method": "elsa", "config": {**cfg.__dict__, "lam": lam, "interval": interval, "projection": projection,

@@ -28,7 +28,7 @@ from torch import nn
 from .patterns import Pattern, parse_pattern, topk_mask
 from .prox import prox_24_, reg_frozen
 from .methods import register
-from .train import TrainConfig, TrainHooks, train
+from .train import TrainConfig, TrainHooks, checked_parameters, train
 
 __all__ = ["ProxSparseHooks", "proxsparse", "group_is_24"]
 
@@ -125,13 +125,7 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     cfg.check()
     if model is None:
         return {}
-    from .train import prunable_parameters
-
-    params = prunable_parameters(model)
-    for n, p in params.items():
-        pat.check_shape(tuple(p.shape))
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{n}: the weight contains NaN or inf; cannot prune a non-finite layer")
+    params = checked_parameters(model, pat)
     original = {n: p.detach().clone() for n, p in params.items()}
     hooks = ProxSparseHooks(lam1, lam2, eps, lam_schedule, lr_max=float(lr))
     report = train(model, stream, cfg, hooks, params, bos_id=bos_id, progress=progress)

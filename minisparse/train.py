@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainConfig", "TrainHooks", "TrainReport", "FixedMask", "train", "batch_for_step", "lr_at",
-           "prunable_parameters"]
+__all__ = ["TrainConfig", "TrainHooks", "TrainReport", "FixedMask", "HookWrapper", "train", "batch_for_step",
+           "lr_at", "prunable_parameters", "checked_parameters"]
 
 
 @dataclass
@@ -118,6 +118,44 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for name, lin in prunable_linears(layer).items():
             out[f"layers.{i}.{name}"] = lin.weight
     return out
+
+
+def checked_parameters(model: nn.Module, pattern) -> dict[str, nn.Parameter]:
+    """:func:`prunable_parameters`, each checked to fit the pattern and to be finite."""
+    params = prunable_parameters(model)
+    for n, p in params.items():
+        pattern.check_shape(tuple(p.shape))
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{n}: the weight contains NaN or inf; cannot prune a non-finite layer")
+    return params
+
+
+class HookWrapper(TrainHooks):
+    """Hooks that pass everything to ``inner``; subclass it to add behaviour around a method's hooks."""
+
+    def __init__(self, inner: TrainHooks):
+        self.inner = inner
+
+    def setup(self, params):
+        self.inner.setup(params)
+
+    def extra_loss(self, params):
+        return self.inner.extra_loss(params)
+
+    def before_step(self, step, params):
+        self.inner.before_step(step, params)
+
+    def after_step(self, step, params, lr, optimizer):
+        self.inner.after_step(step, params, lr, optimizer)
+
+    def metrics(self, params):
+        return self.inner.metrics(params)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
 
 
 def batch_for_step(stream: torch.Tensor, step: int, cfg: TrainConfig, bos_id: int | None = None) -> torch.Tensor:

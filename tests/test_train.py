@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from minisparse import parse_pattern, topk_mask
 from minisparse.proxsparse import ProxSparseHooks, group_is_24, proxsparse
-from minisparse.train import TrainConfig, TrainHooks, batch_for_step, lr_at, prunable_parameters, train
+from minisparse.train import HookWrapper, TrainConfig, batch_for_step, lr_at, prunable_parameters, train
 
 
 def _stream(n=4000, period=7, seed=0):
@@ -59,32 +59,17 @@ class _Stop(Exception):
     pass
 
 
-class _StopAt(TrainHooks):
+class _StopAt(HookWrapper):
+    """Raise after step ``at``: a process killed in the middle of a run."""
+
     def __init__(self, inner, at):
-        self.inner, self.at = inner, at
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def setup(self, params):
-        self.inner.setup(params)
-
-    def extra_loss(self, params):
-        return self.inner.extra_loss(params)
+        super().__init__(inner)
+        self.at = at
 
     def after_step(self, step, params, lr, opt):
-        self.inner.after_step(step, params, lr, opt)
+        super().after_step(step, params, lr, opt)
         if step == self.at:
             raise _Stop
-
-    def metrics(self, params):
-        return self.inner.metrics(params)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
 
 
 def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(tmp_path):
