@@ -38,7 +38,7 @@ import torch
 
 from .greedy import _check_inputs, _wanda_key, ria, ria_score, wanda
 from .methods import SolverResult, register
-from .patterns import Pattern, num_pruned
+from .patterns import Pattern, group_rank, num_pruned
 
 __all__ = ["sparsefw", "fw_objective", "lmo", "round_mask", "group_view", "group_budget"]
 
@@ -109,23 +109,6 @@ def _top_flat(x: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def _small_group_rank(x: torch.Tensor) -> torch.Tensor:
-    """Rank (0 = largest) of each entry within its row, for narrow rows; ties: lower index first.
-
-    One comparison per pair of columns (s(s-1)/2 of them), each a pass over a column: cheaper than a
-    sort or topk over many tiny rows.
-    """
-    s = x.shape[1]
-    cols = [x[:, i] for i in range(s)]
-    rank = [torch.zeros(x.shape[0], dtype=torch.uint8, device=x.device) for _ in range(s)]
-    for i in range(s):
-        for j in range(i + 1, s):
-            later_wins = cols[j] > cols[i]  # j > i: on a tie the lower index i wins
-            rank[i] += later_wins
-            rank[j] += ~later_wins
-    return torch.stack(rank, dim=1)
-
-
 def lmo(score: torch.Tensor, allowed: torch.Tensor | None, budget: torch.Tensor) -> torch.Tensor:
     """The LMO of ``{M ∈ [0,1]: M = 0 off ``allowed``, Σ_group M <= budget}`` for ``-score`` as gradient.
 
@@ -148,7 +131,7 @@ def lmo(score: torch.Tensor, allowed: torch.Tensor | None, budget: torch.Tensor)
     pos = score > 0 if allowed is None else allowed & (score > 0)
     x = score.masked_fill(~pos, -math.inf)
     if size <= 8:
-        rank = _small_group_rank(x)
+        rank = group_rank(x)
         return pos & (rank < budget.reshape(-1, 1))
     kmax = int(budget.max()) if budget.numel() else 0
     if kmax <= 0:

@@ -125,6 +125,23 @@ def _keep_top(score: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
+def group_rank(x: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = largest) of each entry within its row, for narrow rows; ties: lower index first.
+
+    One comparison per pair of columns (s(s-1)/2 of them), each a pass over a column: for the many
+    rows of four of an N:M pattern this is several times faster than a stable sort.
+    """
+    s = x.shape[1]
+    cols = [x[:, i] for i in range(s)]
+    rank = [torch.zeros(x.shape[0], dtype=torch.uint8, device=x.device) for _ in range(s)]
+    for i in range(s):
+        for j in range(i + 1, s):
+            later_wins = cols[j] > cols[i]  # j > i: on a tie the lower index i wins
+            rank[i] += later_wins
+            rank[j] += ~later_wins
+    return torch.stack(rank, dim=1)
+
+
 def topk_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Mask keeping the highest-scoring weights allowed by the pattern.
 
@@ -142,6 +159,8 @@ def topk_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         keep = d_in - int(round(pattern.sparsity * d_in))
         return _keep_top(score, keep)
     groups = score.reshape(-1, pattern.m)
+    if pattern.m <= 8:
+        return (group_rank(groups) < pattern.n).reshape(d_out, d_in)
     return _keep_top(groups, pattern.n).reshape(d_out, d_in)
 
 

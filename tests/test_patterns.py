@@ -82,3 +82,13 @@ def test_pattern_sparsity_and_strings():
     assert parse_pattern(None, 0.7).kind == "unstructured"
     assert str(parse_pattern("4:8")) == "4:8"
     assert num_pruned(parse_pattern("1:4"), (3, 8)) == 3 * 2 * 3
+
+
+@pytest.mark.parametrize("nm", ["1:4", "2:4", "3:4", "2:8", "5:8"])
+def test_nm_masks_by_pairwise_rank_equal_a_stable_sort_with_ties(nm):
+    from minisparse.patterns import _keep_top
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (12, 32), generator=g).float()  # many ties
+    pat = parse_pattern(nm)
+    assert torch.equal(topk_mask(x, pat), _keep_top(x.reshape(-1, pat.m), pat.n).reshape(x.shape))
