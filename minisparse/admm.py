@@ -18,6 +18,9 @@ second moment (Adam's ``exp_avg_sq``: a diagonal empirical Fisher), as ELSA does
 ELSA-L stores :math:`z` in FP8 (e4m3, one scale per tensor) and :math:`u` in BF16; with the 8-bit
 optimizer of :mod:`minisparse.optim8` the whole state shrinks (see :func:`state_bytes`).
 
+With FSDP2-sharded parameters (DTensors) z and u hold each rank's local shard, and the few global
+quantities (an unstructured top-k, the FP8 scale, the residuals) go through :mod:`minisparse.distributed`.
+
 The class knows nothing about language models: the book drives a toy network with it in a ten-line
 loop, and :func:`elsa` drives the LLM through :func:`minisparse.train.train`.
 """
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, global_amax, local, shard_mesh, sharded_topk_mask
 from .methods import register
 from .patterns import Pattern, parse_pattern, topk_mask
 from .train import TrainConfig, TrainHooks, checked_parameters, train
@@ -39,9 +43,10 @@ FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0
 
 
-def _to_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 e4m3 tensor, float32 scale) with one scale per tensor: t ≈ q.float() * scale."""
-    amax = t.detach().abs().max().float()
+def _to_fp8(t: torch.Tensor, mesh=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 tensor, float32 scale) with one scale per tensor (over all shards when ``mesh`` is
+    given): t ≈ q.float() * scale."""
+    amax = global_amax(t, mesh)
     scale = amax / _FP8_MAX if float(amax) > 0 else torch.ones((), dtype=torch.float32, device=t.device)
     return (t.float() / scale).to(FP8), scale
 
@@ -84,6 +89,7 @@ class ADMM(TrainHooks):
         self.u: dict[str, torch.Tensor] = {}
         self.last: dict[str, float] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        self.mesh = None  # the device mesh of FSDP2-sharded parameters, set by setup
 
     # -- state in (possibly) low precision ---------------------------------------------------------
     def _get_z(self, n: str) -> torch.Tensor:
@@ -92,7 +98,7 @@ class ADMM(TrainHooks):
 
     def _set_z(self, n: str, value: torch.Tensor) -> None:
         if self.low_precision:
-            self.z[n], self.z_scale[n] = _to_fp8(value)
+            self.z[n], self.z_scale[n] = _to_fp8(value, self.mesh)
         else:
             self.z[n] = value.detach().clone()
 
@@ -109,39 +115,52 @@ class ADMM(TrainHooks):
             return None
         state = self.optimizer.state.get(p, {})
         if "exp_avg_sq" in state:
-            return state["exp_avg_sq"]
+            return local(state["exp_avg_sq"])
         if hasattr(self.optimizer, "second_moment"):
             return self.optimizer.second_moment(p)
         return None
 
-    def project(self, v: torch.Tensor, p: nn.Parameter | None = None) -> torch.Tensor:
-        """Π_S(v): keep the largest |v| (or h·v² for the Fisher projection) allowed by the pattern."""
+    def project(self, v: torch.Tensor, p: nn.Parameter | None = None, *,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
+        """Π_S(v): keep the largest |v| (or h·v² for the Fisher projection, given the parameter ``p``)
+        allowed by the pattern. For a sharded parameter ``v`` is the local shard of ``layout`` (default
+        ``p``), and so is the result."""
         score = v.abs()
         if self.projection == "fisher" and p is not None:
             h = self._second_moment(p)
             if h is not None:
                 score = h.float() * v.float() ** 2
-        return v * topk_mask(score, self.pattern)
+        if layout is None:
+            layout = p
+        if self.mesh is None or layout is None:
+            return v * topk_mask(score, self.pattern)
+        return v * sharded_topk_mask(score, self.pattern, layout)
 
     # -- hooks -------------------------------------------------------------------------------------
     def setup(self, params: dict[str, nn.Parameter]) -> None:
+        self.mesh = shard_mesh(params)
         for n, p in params.items():
             self.pattern.check_shape(tuple(p.shape))
             with torch.no_grad():
-                self._set_z(n, self.project(p.detach(), None))  # z0 = magnitude projection of the dense weights
-                self._set_u(n, torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32))
+                x = local(p.detach())
+                self._set_z(n, self.project(x, None, layout=p))  # z0 = magnitude projection of the dense weights
+                self._set_u(n, torch.zeros_like(x, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32))
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the projection access to the optimizer's second moments (the Fisher projection)."""
         self.optimizer = optimizer
 
     def penalty_grad(self, n: str, p: torch.Tensor) -> torch.Tensor:
-        return self.lam * (p.detach() - self._get_z(n) + self._get_u(n))
+        return self.lam * (local(p.detach()) - self._get_z(n) + self._get_u(n))
 
     def before_step(self, step: int, params: dict[str, nn.Parameter]) -> None:
         for n, p in params.items():
             pen = self.penalty_grad(n, p)
-            if p.grad is None:
+            if self.mesh is not None:  # a DTensor gradient: add to this rank's shard
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                local(p.grad).add_(pen.to(p.grad.dtype))
+            elif p.grad is None:
                 p.grad = pen.to(p.dtype)
             else:
                 p.grad.add_(pen.to(p.grad.dtype))
@@ -155,7 +174,8 @@ class ADMM(TrainHooks):
         new_lam = penalty_at(step + 1, self.lam0, self.schedule, self.steps, self.lam_final)
         primal = dual = norm = 0.0
         for n, p in params.items():
-            x = p.detach() if p.dtype in (torch.float32, torch.float64) else p.detach().float()
+            x = local(p.detach())
+            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
             u = self._get_u(n).to(x.dtype)
             if new_lam != self.lam:
                 u = u * (self.lam / new_lam)
@@ -167,6 +187,8 @@ class ADMM(TrainHooks):
             primal += float(((x - z) ** 2).sum())
             dual += float(((z - z_old) ** 2).sum())
             norm += float((x ** 2).sum())
+        if self.mesh is not None:
+            primal, dual, norm = all_reduce_sum((primal, dual, norm), self.mesh)
         self.lam = new_lam
         self.last = {"primal_residual": math.sqrt(primal / max(norm, 1e-30)),
                      "dual_residual": new_lam * math.sqrt(dual / max(norm, 1e-30)), "lam": new_lam}
@@ -174,16 +196,19 @@ class ADMM(TrainHooks):
     def metrics(self, params: dict[str, nn.Parameter]) -> dict[str, float]:
         outside = norm = 0.0
         for p in params.values():
-            x = p.detach().float()
-            outside += float(((x - self.project(x)) ** 2).sum())
+            x = local(p.detach()).float()
+            outside += float(((x - self.project(x, layout=p)) ** 2).sum())
             norm += float((x ** 2).sum())
+        if self.mesh is not None:
+            outside, norm = all_reduce_sum((outside, norm), self.mesh)
         return {**self.last, "mass_outside": outside / max(norm, 1e-30)}
 
     def finalize(self, params: dict[str, nn.Parameter]) -> None:
         """x ← Π_S(x): the final, feasible model."""
         with torch.no_grad():
             for p in params.values():
-                p.copy_(self.project(p.detach(), p))
+                x = local(p.detach())
+                local(p).copy_(self.project(x, p))
 
     def state_dict(self) -> dict[str, Any]:
         return {"z": self.z, "z_scale": self.z_scale, "u": self.u, "lam": self.lam, "last": self.last}
@@ -222,6 +247,10 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
     Adam betas (0.9, 0.95), clipping 1.0, Fisher projection); ``steps`` and ``batch_size`` set the token
     budget (steps x batch_size x seqlen). ``optimizer="adamw8bit"`` uses 8-bit moments. Called with
     ``model=None`` it only validates the options.
+
+    Inside a process group, with the model sharded by FSDP2 (:func:`minisparse.distributed.shard_model`),
+    every rank calls it with the same arguments and trains on ``batch_size / world`` windows of each
+    step's batch; the result equals a single-process run. Checkpoints are not supported there.
     """
     pat = parse_pattern(pattern)
     if optimizer not in ("adamw", "adamw8bit"):

@@ -6,12 +6,17 @@ moment as ``q = round(127 · sign(m) · sqrt(|m| / a))`` (int8), the second as
 fourth root) spends the 8 bits where Adam's moments live, near zero, instead of uniformly. The update is
 AdamW's, computed in float32 from the dequantized moments, which are quantized again after the step.
 State: 2 bytes per parameter (+ 8 bytes per 256), against 8 bytes for float32 AdamW.
+
+For an FSDP2-sharded parameter (a DTensor) the moments and their blocks belong to the rank's local
+shard; the result equals the unsharded optimizer's when every shard starts at a multiple of 256 entries.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .distributed import local
 
 __all__ = ["AdamW8bit", "BLOCK"]
 
@@ -64,7 +69,7 @@ class AdamW8bit(torch.optim.Optimizer):
         st = self.state.get(p)
         if not st:
             return None
-        return dequantize_unsigned(st["v_q"], st["v_a"], p)
+        return dequantize_unsigned(st["v_q"], st["v_a"], local(p))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -74,7 +79,7 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                g = local(p.grad).float()
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
@@ -84,10 +89,11 @@ class AdamW8bit(torch.optim.Optimizer):
                 t = float(st["step"])
                 m = dequantize_signed(st["m_q"], st["m_a"], g).mul_(b1).add_(g, alpha=1 - b1)
                 v = dequantize_unsigned(st["v_q"], st["v_a"], g).mul_(b2).addcmul_(g, g, value=1 - b2)
+                x = local(p)
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    x.mul_(1 - group["lr"] * group["weight_decay"])
                 denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.add_((m / (1 - b1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
+                x.add_((m / (1 - b1 ** t) / denom).to(x.dtype), alpha=-group["lr"])
                 st["m_q"], st["m_a"] = quantize_signed(m)
                 st["v_q"], st["v_a"] = quantize_unsigned(v)
         return loss

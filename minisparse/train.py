@@ -14,6 +14,10 @@ embedding is a quarter of its parameters.
 Long runs write a checkpoint (the trained weights, the optimizer and the method's state, the log) every
 ``checkpoint_every`` steps, atomically; calling :func:`train` again with the same configuration and
 directory resumes from it and ends in the same state as an uninterrupted run.
+
+With FSDP2-sharded weights (DTensors over a 1-D device mesh, see :mod:`minisparse.distributed`) every
+rank draws the same global batch and trains on its ``batch_size / world`` rows; FSDP2 averages the
+gradients, so a step is the single-process step. Checkpoints are then refused (no sharded resume).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .distributed import all_finite, all_reduce_sum, shard_mesh
 
 __all__ = ["TrainConfig", "TrainHooks", "TrainReport", "FixedMask", "HookWrapper", "train", "batch_for_step",
            "lr_at", "prunable_parameters", "checked_parameters"]
@@ -125,7 +131,7 @@ def checked_parameters(model: nn.Module, pattern) -> dict[str, nn.Parameter]:
     params = prunable_parameters(model)
     for n, p in params.items():
         pattern.check_shape(tuple(p.shape))
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise ValueError(f"{n}: the weight contains NaN or inf; cannot prune a non-finite layer")
     return params
 
@@ -214,6 +220,14 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
     if not params:
         raise ValueError("nothing to train: the parameter dict is empty")
     stream = stream.reshape(-1)
+    mesh = shard_mesh(params)
+    rank, world = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} ranks sharing each step; "
+                         f"use a multiple of {world}")
+    if mesh is not None and (cfg.checkpoint_every or cfg.checkpoint_dir):
+        raise ValueError("checkpoints (and resume) are not supported with FSDP2-sharded parameters; "
+                         "set checkpoint_every=0 and checkpoint_dir=None")
     flags = {p: p.requires_grad for p in model.parameters()}
     trained = set(id(p) for p in params.values())
     for p in model.parameters():
@@ -263,12 +277,21 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = batch_for_step(stream, step, cfg, bos_id).to(device)
+            batch = batch_for_step(stream, step, cfg, bos_id)
+            if world > 1:  # this rank's rows of the global batch
+                per = cfg.batch_size // world
+                batch = batch[rank * per:(rank + 1) * per]
+            batch = batch.to(device)
             out = model(input_ids=batch, labels=batch, use_cache=False)
             loss = out.loss
             extra = hooks.extra_loss(params)
             total = loss if extra is None else loss + extra
-            if not torch.isfinite(total):
+            loss_val = None
+            if mesh is not None:  # the mean over ranks, so that every rank sees (and stops on) the same loss
+                loss_val, total_val = (v / world for v in all_reduce_sum((loss.detach(), total.detach()), mesh))
+                if not math.isfinite(total_val):
+                    raise FloatingPointError(f"step {step}: the loss is {total_val}; lower the learning rate")
+            elif not torch.isfinite(total):
                 raise FloatingPointError(f"step {step}: the loss is {float(total)}; lower the learning rate")
             total.backward()
             hooks.before_step(step, params)
@@ -278,7 +301,7 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 hooks.after_step(step, params, lr, opt)
-            loss_sum += float(loss.detach())
+            loss_sum += float(loss.detach()) if loss_val is None else loss_val
             loss_n += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
