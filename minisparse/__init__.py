@@ -12,6 +12,8 @@ from .models import BUNDLED, LoadedModel, cache_dir, decoder_layers, load_model,
 from .data import TEXTS, calibration_batch, load_text, split_articles, tokenize, wikipedia_articles
 from .engine import PruneReport, collect_grams, prune_model
 from .evaluate import eval_windows, perplexity
+from .lmeval import run_lm_eval
+from .compress import load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ __all__ = [
     "BUNDLED", "LoadedModel", "cache_dir", "decoder_layers", "load_model", "prunable_linears", "save_checkpoint",
     "TEXTS", "calibration_batch", "load_text", "split_articles", "tokenize", "wikipedia_articles",
     "PruneReport", "collect_grams", "prune_model",
-    "eval_windows", "perplexity",
+    "eval_windows", "perplexity", "run_lm_eval",
+    "load_compressed", "save_compressed",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``minisparse prune``, ``minisparse eval``, ``minisparse methods``.
+"""Command line: ``minisparse prune``, ``minisparse eval``, ``minisparse compress``, ``minisparse methods``.
 
 Every argument is checked before the model is loaded, and the output directory is written atomically
 (a hidden temporary directory renamed into place at the end), so a bad argument or a crash never
@@ -24,6 +24,9 @@ examples:
   minisparse prune --model smollm2-135m --method magnitude --pattern 2:4 --calib-samples 16 --out pruned-24
   minisparse prune --method sparsefw --sparsity 0.6 -o alpha=0.9 -o iterations=200 --out pruned-fw60
   minisparse eval pruned-mag50
+  minisparse eval pruned-mag50 --tasks offline --limit 50
+  minisparse prune --method magnitude --pattern 2:4 --save-format compressed --out pruned-24c
+  minisparse compress pruned-mag50 --out pruned-mag50-small
   minisparse methods
 
 models: a bundled short name (smollm2-135m, gemma3-270m; no network needed), a local Hugging Face
@@ -82,18 +85,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory; must not exist unless --force")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (only after success)")
     p.add_argument("--skip-dense-eval", action="store_true", help="do not evaluate the dense model")
+    p.add_argument("--save-format", default="hf", choices=["hf", "compressed", "both"],
+                   help="hf: a plain Hugging Face checkpoint (dense safetensors); compressed: minisparse's "
+                        "compact sparse form (bitmask or N:M indices per matrix, bit-exact, read back by "
+                        "`minisparse eval`); both: hf in --out and the compact form in --out/compressed "
+                        "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_eval_args(p)
 
-    e = sub.add_parser("eval", help="evaluate a saved checkpoint's perplexity",
+    e = sub.add_parser("eval", help="evaluate a saved checkpoint's perplexity (and lm-eval tasks)",
                        description="Re-evaluate the perplexity of a checkpoint written by `minisparse prune` "
                                    "(or any Hugging Face causal LM directory), by default with the protocol "
-                                   "recorded in its report.json, and print the result as JSON.")
+                                   "recorded in its report.json, and print the result as JSON. With --tasks, "
+                                   "also run EleutherAI's lm-evaluation-harness on the model (pip install "
+                                   "'minisparse[eval]') and store its results under 'lm_eval' in "
+                                   "DIR/report.json when there is one.",
+                       epilog="lm-eval tasks: minisparse_cloze (last-word prediction, acc and perplexity) and "
+                              "minisparse_wikipedia_rolling (rolling word/byte perplexity) run offline, built "
+                              "from the evaluation half of the bundled Wikipedia; 'offline' names both. Hub "
+                              "tasks such as arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, "
+                              "openbookqa (or any task `lm-eval ls tasks` lists) need network.")
     e.add_argument("path", metavar="DIR", help="checkpoint directory (or a bundled model name)")
     e.add_argument("--device", default="auto", help="compute device (default: %(default)s)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_eval_args(e, defaults_from_report=True)
+    e.add_argument("--tasks", action="append", default=[], metavar="TASKS",
+                   help="lm-eval tasks, comma-separated or repeated: minisparse_cloze, "
+                        "minisparse_wikipedia_rolling, offline (both), or hub tasks such as arc_easy")
+    e.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task "
+                                                           "(default: all)")
+    e.add_argument("--num-fewshot", type=int, default=0, help="lm-eval: few-shot examples (default: %(default)s)")
+    e.add_argument("--lm-eval-batch-size", type=int, default=8,
+                   help="lm-eval: requests per forward pass (default: %(default)s)")
+    e.add_argument("--max-length", type=int, default=2048,
+                   help="lm-eval: longest input in tokens; rolling windows use it (default: %(default)s)")
+
+    c = sub.add_parser("compress", help="convert a saved pruned checkpoint into a compact sparse one",
+                       description="Store every prunable matrix of a checkpoint (from `minisparse prune` or any "
+                                   "Hugging Face causal LM directory) as a bitmask of its non-zeros plus their "
+                                   "values, or as N:M values plus packed in-group indices, or dense where that is "
+                                   "smaller. The weights load back bit for bit (a zero's sign excepted) with "
+                                   "`minisparse eval DST_DIR` or minisparse.load_compressed.")
+    c.add_argument("src", metavar="SRC_DIR", help="checkpoint directory to convert")
+    c.add_argument("--out", required=True, help="output directory; must not exist unless --force")
+    c.add_argument("--format", default="minisparse", choices=["minisparse", "compressed-tensors"],
+                   help="minisparse (per-matrix layouts) or compressed-tensors' legacy sparse-bitmask / "
+                        "sparse-24-bitmask layout, readable by compressed-tensors <= 0.14 (default: %(default)s)")
+    c.add_argument("--pattern", default=None,
+                   help="layout rule: auto (2:4, bitmask or dense, whichever is smallest per matrix), unstructured "
+                        "or row (bitmask), or N:M (every matrix must satisfy it) (default: the pattern in "
+                        "SRC_DIR/report.json, else auto)")
+    c.add_argument("--force", action="store_true", help="replace an existing --out directory (only after success)")
 
     sub.add_parser("methods", help="list the pruning methods", description="List the registered pruning methods.")
 
@@ -205,12 +248,66 @@ def _prune(args) -> dict:
     except (ValueError, ModuleNotFoundError) as err:
         raise CliError(str(err)) from None
     with _atomic_dir(out, args.force) as tmp:
-        save_checkpoint(lm.model, lm.tokenizer, tmp)
+        if args.save_format in ("hf", "both"):
+            save_checkpoint(lm.model, lm.tokenizer, tmp)
+        if args.save_format in ("compressed", "both"):
+            from .compress import save_compressed
+
+            target = tmp if args.save_format == "compressed" else tmp / "compressed"
+            try:
+                result["compressed"] = save_compressed(lm.model, lm.tokenizer, target, pattern=pattern)
+            except ValueError as err:
+                raise CliError(str(err)) from None
+        result["save_format"] = args.save_format
         result["wall_seconds"] = time.perf_counter() - wall
         result.update(peak_memory(device))
         (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        if args.save_format == "both":  # `minisparse eval OUT/compressed` then uses the same protocol
+            shutil.copyfile(tmp / "report.json", tmp / "compressed" / "report.json")
     summary = {k: result[k] for k in ("model", "method", "pattern", "measured_sparsity", "dense_ppl", "pruned_ppl",
                                       "wall_seconds", "peak_rss_mb")}
+    summary["out"] = str(out)
+    return summary
+
+
+def _compress(args) -> dict:
+    from .compress import compressed_format, load_compressed, parse_layout_rule, save_compressed
+
+    src = Path(args.src).expanduser()
+    if not (src / "config.json").is_file():
+        raise CliError(f"SRC_DIR {src} is not a checkpoint directory (no config.json); give the --out directory "
+                       "of `minisparse prune` or another Hugging Face causal LM directory")
+    out = Path(args.out).expanduser()
+    if out.resolve() == src.resolve():
+        raise CliError("--out must differ from SRC_DIR; the conversion never overwrites its source")
+    if out.exists() and not args.force:
+        raise CliError(f"--out {out} already exists; choose a new directory or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a directory")
+    report = json.loads((src / "report.json").read_text(encoding="utf-8")) if (src / "report.json").exists() else {}
+    pattern = args.pattern if args.pattern is not None else report.get("pattern")
+    try:
+        parse_layout_rule(pattern)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        if compressed_format(src) is not None:
+            model, tok = load_compressed(src)
+        else:
+            has_tok = any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+            tok = AutoTokenizer.from_pretrained(str(src)) if has_tok else None
+            model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")  # keep the stored dtype
+    except (OSError, ValueError) as err:
+        raise CliError(f"could not load {src}: {err}") from None
+    with _atomic_dir(out, args.force) as tmp:
+        try:
+            summary = save_compressed(model, tok, tmp, pattern=pattern, format=args.format)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if report:
+            shutil.copyfile(src / "report.json", tmp / "report.json")
     summary["out"] = str(out)
     return summary
 
@@ -234,6 +331,7 @@ def _eval(args) -> dict:
         device = resolve_device(args.device)
     except ValueError as err:
         raise CliError(str(err)) from None
+    tasks = _validate_lm_eval(args) if args.tasks else None
     from .evaluate import perplexity
     from .models import load_model
 
@@ -243,7 +341,70 @@ def _eval(args) -> dict:
         raise CliError(str(err)) from None
     res = perplexity(lm.model, lm.tokenizer, None, seqlen, windows or None, args.eval_batch_size,
                      text_name=text, progress=not args.no_progress)
-    return {"model": str(args.path), **res}
+    result = {"model": str(args.path), **res}
+    if tasks:
+        from .lmeval import run_lm_eval
+
+        protocol = {"limit": args.limit, "num_fewshot": args.num_fewshot, "max_length": args.max_length,
+                    "batch_size": args.lm_eval_batch_size, "lm_eval_version": _version("lm_eval")}
+        try:
+            scores = run_lm_eval(lm.model, lm.tokenizer, tasks, limit=args.limit,
+                                 batch_size=args.lm_eval_batch_size, max_length=args.max_length,
+                                 num_fewshot=args.num_fewshot)
+        except (ValueError, ModuleNotFoundError) as err:
+            raise CliError(str(err)) from None
+        result["lm_eval"] = {task: {**row, "protocol": protocol} for task, row in scores.items()}
+        if (path / "report.json").is_file():
+            _update_report(path / "report.json", "lm_eval", result["lm_eval"])
+    return result
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _validate_lm_eval(args) -> list[str]:
+    """Check the lm-eval arguments (task names included) before any model is loaded."""
+    import importlib.util
+
+    from .lmeval import hub_offline_error, resolve_tasks
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise CliError("--tasks needs lm-eval: pip install 'minisparse[eval]' (lm-eval==0.4.13)")
+    for flag, value, low in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
+                             ("--lm-eval-batch-size", args.lm_eval_batch_size, 1),
+                             ("--max-length", args.max_length, 2)):
+        if value is not None and value < low:
+            raise CliError(f"{flag} must be an integer >= {low}; got {value}")
+    try:
+        tasks = resolve_tasks(args.tasks)
+    except ValueError as err:
+        raise CliError(f"--tasks: {err}") from None
+    offline = hub_offline_error(tasks)
+    if offline is not None:
+        raise CliError(str(offline))
+    return tasks
+
+
+def _update_report(report: Path, key: str, value: dict) -> None:
+    """Merge ``value`` into ``report[key]`` (task by task) and replace the file atomically."""
+    content = json.loads(report.read_text(encoding="utf-8"))
+    merged = content.get(key) if isinstance(content.get(key), dict) else {}
+    content[key] = {**merged, **value}
+    fd, tmp = tempfile.mkstemp(prefix=f".{report.name}.", suffix=".tmp", dir=report.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(content, indent=2) + "\n")
+        os.chmod(tmp, report.stat().st_mode & 0o777)
+        os.replace(tmp, report)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise CliError(str(err)) from None
             print(json.dumps(p, indent=2) if args.json else format_plan(p))
             return 0
-        result = _prune(args) if args.command == "prune" else _eval(args)
+        result = {"prune": _prune, "eval": _eval, "compress": _compress}[args.command](args)
     except CliError as err:
         print(f"minisparse {args.command}: error: {err}", file=sys.stderr)
         return 2

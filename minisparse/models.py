@@ -162,9 +162,16 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype | str = torch.floa
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a 1-second cached load needs no progress bar
+    from .compress import compressed_format, load_compressed
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        if isinstance(source, Path) and compressed_format(source) is not None:
+            model, tok = load_compressed(source, dtype=dtype)  # minisparse's or compressed-tensors' sparse form
+            if tok is None:
+                raise ValueError(f"the compressed checkpoint {source} has no tokenizer files")
+        else:
+            tok = AutoTokenizer.from_pretrained(str(source))
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except OSError as err:
         raise ValueError(f"could not load model {name!r} from {source}: {err}") from err
     finally:
