@@ -81,6 +81,12 @@ def parse_pattern(pattern: str | Pattern | None = None, sparsity: float | None =
             )
         return Pattern("nm", implied, n, m)
     kinds = {"unstructured": "unstructured", "matrix": "unstructured", "row": "row", "per-row": "row"}
+    written = re.fullmatch(r"([a-z-]+)\s*:\s*([0-9.eE+-]+)", text)  # the str() form, e.g. "unstructured:0.6"
+    if written and written.group(1) in kinds:
+        if sparsity is not None and not math.isclose(float(sparsity), float(written.group(2)), abs_tol=1e-12):
+            raise ValueError(f"pattern {pattern!r} names the sparsity {written.group(2)}; sparsity={sparsity!r} "
+                             "contradicts it (give it once)")
+        text, sparsity = written.group(1), written.group(2)
     if text not in kinds:
         raise ValueError(
             f"pattern {pattern!r} is not known; use 'unstructured', 'row' or an N:M pattern such as '2:4'"

@@ -59,6 +59,9 @@ def test_project_keeps_largest_magnitudes_with_signs():
     (("0:4", None), "0 < N < M"),
     (("2:4", 0.7), "fixes the sparsity"),
     (("diagonal", 0.5), "not known"),
+    (("unstructured:0.6", 0.5), "contradicts"),
+    (("unstructured:1.5", None), "[0, 1)"),
+    (("diagonal:0.5", None), "not known"),
 ])
 def test_bad_patterns_are_rejected_with_the_valid_range(args, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
@@ -82,6 +85,10 @@ def test_pattern_sparsity_and_strings():
     assert parse_pattern(None, 0.7).kind == "unstructured"
     assert str(parse_pattern("4:8")) == "4:8"
     assert num_pruned(parse_pattern("1:4"), (3, 8)) == 3 * 2 * 3
+    # str() of a pattern parses back to the same pattern (result files store patterns this way)
+    for p in (parse_pattern("unstructured", 0.6), parse_pattern("row", 0.25), parse_pattern("2:4")):
+        assert parse_pattern(str(p)) == p
+    assert parse_pattern("unstructured:0.6", 0.6) == Pattern("unstructured", 0.6)
 
 
 @pytest.mark.parametrize("nm", ["1:4", "2:4", "3:4", "2:8", "5:8"])
