@@ -5,9 +5,11 @@ calibration batch, prune with the engine (no evaluation), report ``ru_maxrss``. 
 initialised Llama-shaped configs of several sizes (saved once as checkpoints with the bundled
 tokenizer) and the bundled SmolLM2-135M. The prediction is ``plan(...)["host_peak_bytes"]`` for the same
 settings; the runtime constant is measured first by a process that imports everything and loads the
-tokenizer. Results go to benchmarks/results/memory.json.
+tokenizer. End-to-end methods (elsa, elsa-l, proxsparse) run three training steps instead of pruning.
+Results go to benchmarks/results/memory.json; rows of an earlier run that this run does not repeat are kept.
 
-    .venv/bin/python benchmarks/bench_memory.py
+    .venv/bin/python benchmarks/bench_memory.py                 # every case
+    .venv/bin/python benchmarks/bench_memory.py --cases e2e     # only the end-to-end methods
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ if mode == "runtime":
     tok = AutoTokenizer.from_pretrained(path)
     text = ms.load_text("wikipedia", "calib")
     ids = ms.tokenize(tok, text)  # every run tokenizes its calibration text
+elif mode == "train":
+    # end-to-end: `n` is the training batch; a few steps reach the steady-state peak (moments allocated)
+    lm = ms.load_model(path)
+    stream = ms.tokenize(lm.tokenizer, ms.load_text("wikipedia", "calib"))
+    from minisparse.admm import elsa
+    from minisparse.proxsparse import proxsparse
+    if method == "proxsparse":
+        proxsparse(lm.model, stream, "2:4", steps=3, batch_size=n, seqlen=seqlen, progress=False)
+    else:
+        elsa(lm.model, stream, ms.parse_pattern("unstructured", 0.5), steps=3, batch_size=n, seqlen=seqlen, interval=2,
+                low_precision=method == "elsa-l", optimizer="adamw8bit" if method == "elsa-l" else "adamw",
+                progress=False)
 else:
     lm = ms.load_model(path)
     text = ms.load_text("wikipedia", "calib")
@@ -81,6 +95,11 @@ def _make_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", choices=["all", "layerwise", "e2e"], default="all")
+    args = ap.parse_args()
     from minisparse.models import BUNDLED, cache_dir  # noqa: F401
     from minisparse.plan import plan
 
@@ -93,16 +112,27 @@ def main() -> None:
         cases = [(name, str(path), m, n, L) for name, path in ckpts.items()
                  for m, n, L in (("wanda", 32, 256), ("sparsegpt", 32, 256), ("sparsefw", 16, 512))]
         cases += [("smollm2-135m", "smollm2-135m", m, n, L) for m, n, L in (("wanda", 32, 512), ("sparsegpt", 64, 512))]
+        # end-to-end methods: n = windows per training step
+        cases += [(name, str(path), m, 2, 256) for name, path in ckpts.items() for m in ("elsa", "elsa-l", "proxsparse")]
+        cases += [("smollm2-135m", "smollm2-135m", m, 1, 256) for m in ("elsa", "elsa-l", "proxsparse")]
+        is_e2e = lambda m: m in ("elsa", "elsa-l", "proxsparse")  # noqa: E731
+        cases = [c for c in cases if args.cases == "all" or (args.cases == "e2e") == is_e2e(c[2])]
         for name, path, method, n, L in cases:
-            measured = _child("prune", path, method, str(n), str(L))
+            e2e = method in ("elsa", "elsa-l", "proxsparse")
+            measured = _child("train" if e2e else "prune", path, method, str(n), str(L))
             cfg_src = path if name != "smollm2-135m" else "smollm2-135m"
-            pred = plan(cfg_src, method, calib_samples=n, seqlen=L, batch_size=8, runtime_bytes=runtime)
-            rows.append({"model": name, "method": method, "calib_samples": n, "seqlen": L,
+            pred = plan(cfg_src, method, calib_samples=n, seqlen=L, batch_size=8, steps_batch=n, runtime_bytes=runtime)
+            rows.append({"model": name, "method": method, "calib_samples": None if e2e else n,
+                         "batch": n if e2e else None, "seqlen": L,
                          "measured_bytes": measured, "predicted_bytes": pred["host_peak_bytes"],
                          "ratio": pred["host_peak_bytes"] / measured, "terms": pred["terms"]})
             print(name, method, n, L, f"measured {measured / 2**20:.0f} MiB predicted "
                   f"{pred['host_peak_bytes'] / 2**20:.0f} MiB ratio {rows[-1]['ratio']:.3f}", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    key = lambda r: (r["model"], r["method"], r.get("calib_samples"), r.get("batch"), r["seqlen"])  # noqa: E731
+    if OUT.exists():
+        done = {key(r) for r in rows}
+        rows = [r for r in json.loads(OUT.read_text())["rows"] if key(r) not in done] + rows
     OUT.write_text(json.dumps({"runtime_bytes": runtime, "rows": rows, "machine": platform.platform(),
                                "cpu_count": os.cpu_count(), "max_ratio_error": max(abs(r["ratio"] - 1) for r in rows)},
                               indent=1) + "\n")
