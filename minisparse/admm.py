@@ -208,7 +208,7 @@ class ADMM(TrainHooks):
         with torch.no_grad():
             for p in params.values():
                 x = local(p.detach())
-                local(p).copy_(self.project(x, p))
+                local(p).copy_(self.project(x, p) + 0.0)  # no -0.0 (see engine)
 
     def state_dict(self) -> dict[str, Any]:
         return {"z": self.z, "z_scale": self.z_scale, "u": self.u, "lam": self.lam, "last": self.last}

@@ -250,7 +250,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, method: str | Method 
                 new = result.weight
                 if not torch.isfinite(new).all():
                     raise ValueError(f"layer {i} {name}: solver {meth.name!r} returned NaN or inf weights")
-                lin.weight.copy_(new.to(lin.weight.dtype))
+                lin.weight.copy_(new.to(lin.weight.dtype) + 0.0)  # + 0.0 turns the -0.0 of W * mask into +0.0 (bit-exact saves)
                 err = relative_error(W, new, G)
                 errors.append(err)
                 zeros = int((lin.weight == 0).sum())

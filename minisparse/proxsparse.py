@@ -135,7 +135,7 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
             exact += int(group_is_24(p).sum())
             groups += p.numel() // 4
             mask = _top2(p)
-            p.copy_(original[n] * mask)
+            p.copy_(original[n] * mask + 0.0)  # no -0.0 (see engine)
     return {"method": "proxsparse", "config": {**cfg.__dict__, "lam1": lam1, "lam2": lam2,
                                                  "lam_schedule": lam_schedule, "eps": eps},
             "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
