@@ -92,7 +92,8 @@ def run(args, method: str, setting: str) -> Path:
     name = f"{method}-{setting.replace(':', 'of')}-s{args.steps}b{args.batch_size}l{args.seqlen}"
     if opts:
         name += "-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items()))
-    path = OUT / f"{name}.json"
+    out = Path(args.out_dir)
+    path = out / f"{name}.json"
     if path.exists() and not args.redo:
         return path
     pat = _pattern(setting)
@@ -120,7 +121,7 @@ def run(args, method: str, setting: str) -> Path:
     lr = float(opts.pop("lr", 2e-4 if method.startswith("elsa") else 1e-4))
     cfg_kw = dict(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=lr, seed=args.seed,
                   bos=lm.bos, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                  checkpoint_dir=str(OUT / "ckpt" / name))
+                  checkpoint_dir=str(out / "ckpt" / name))
     if method == "proxsparse":
         hooks = ProxSparseHooks(lam1=float(opts.get("lam1", 0.25)), lam2=float(opts.get("lam2", 0.0)),
                                 lam_schedule=str(opts.get("lam_schedule", "constant")), lr_max=lr)
@@ -166,20 +167,20 @@ def run(args, method: str, setting: str) -> Path:
         result["admm_state_bytes_per_param"] = hooks.bytes_per_param()
         result["state_bytes_model"] = state_bytes(method == "elsa-l", 8 if method == "elsa-l" else 32)
     write_json(path, result)
-    shutil.rmtree(OUT / "ckpt" / name, ignore_errors=True)
+    shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     print(path.name, "ppl", round(ppl["ppl"], 2), flush=True)
     return path
 
 
-def summarize() -> Path:
+def summarize(out: Path = OUT) -> Path:
     rows = []
-    for path in sorted(OUT.glob("*.json")):
+    for path in sorted(Path(out).glob("*.json")):
         r = json.loads(path.read_text())
         rows.append({"method": r["method"], "pattern": r["pattern"], "tokens": r["tokens"],
                      "ppl": round(r["pruned_ppl"], 3), "ppl_before_training": r["ppl_before_training"] or "",
                      "train_seconds": round(r["train_seconds"], 1), "options": json.dumps(r["options"]),
                      "peak_rss_mb": round(r.get("peak_rss_mb", 0))})
-    target = HERE / "results" / "e2e.csv"
+    target = Path(out).with_suffix(".csv")  # results/e2e -> results/e2e.csv
     return write_csv(rows, target, "method")
 
 
@@ -199,11 +200,14 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=32)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--summarize", action="store_true")
+    ap.add_argument("--out-dir", default=str(OUT),
+                    help="where the result files go (default: %(default)s); e.g. a separate folder for short "
+                         "hyperparameter probes, so they are never mistaken for benchmark rows")
     args = ap.parse_args()
     if not args.summarize:
         for setting in args.settings:
             run(args, args.method, setting)
-    print(summarize())
+    print(summarize(Path(args.out_dir)))
 
 
 if __name__ == "__main__":
