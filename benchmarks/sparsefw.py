@@ -127,7 +127,7 @@ def timing(args) -> None:
 
 def summarize() -> Path:
     rows = []
-    for path in sorted(OUT.glob("*.json")):
+    for path in sorted(OUT.glob("*-fw-*.json")):  # one file per run; timing.json and curve/ are not runs
         r = json.loads(path.read_text())
         mats = r["engine"]["matrices"]
         opts = r["solver_options"]
