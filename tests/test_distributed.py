@@ -154,7 +154,11 @@ def test_fsdp2_elsa_on_two_ranks_equals_one_process(tmp_path):
         assert moved > 0, case  # training changed the weights, not just pruned them
         for a, b in zip(got["log"], out["log"], strict=True):
             assert a["step"] == b["step"]
-            for k in ("loss", "primal_residual", "dual_residual", "mass_outside"):
+            # transformers computes the loss from logits cast to float32 (loss_utils: logits.float()), even
+            # for this float64 model, so two half-batch means and one full-batch mean agree to a few float32
+            # ulps (1.1e-7 relative seen), not to float64 rounding; the residuals are float64 throughout
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (case, "loss")
+            for k in ("primal_residual", "dual_residual", "mass_outside"):
                 assert a[k] == pytest.approx(b[k], rel=1e-7, abs=1e-12), (case, k)
 
 
