@@ -67,10 +67,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=100)
     ap.add_argument("--redo", action="store_true", help="rerun runs that already have a result")
+    ap.add_argument("--redo-dense", action="store_true", help="re-measure the dense perplexity (dense.json)")
     ap.add_argument("--summarize", action="store_true", help="only rebuild baseline.csv")
     args = ap.parse_args()
     if not args.summarize:
-        if not (OUT / "dense.json").exists() or args.redo:
+        if not (OUT / "dense.json").exists() or args.redo_dense:
             lm = load_model("smollm2-135m")
             dense = perplexity(lm.model, lm.tokenizer, None, args.seqlen, args.eval_windows, progress=True)
             write_json(OUT / "dense.json", {**dense, "torch_threads": torch.get_num_threads()})
