@@ -152,12 +152,15 @@ def run(args, method: str, setting: str) -> Path:
     report = train(model, stream, cfg, curve, params, bos_id=tok.bos_token_id if lm.bos else None, progress=True)
     feasible(params)  # ProxSparse: top-2 of the learned weights applied to the original ones
     ppl = perplexity(model, tok, eval_text, 512, args.eval_windows, progress=True)
+    # the number hyperparameters are chosen by: the final (feasible) model's perplexity on calibration text,
+    # never on the evaluation half
+    calib_ppl = perplexity(model, tok, load_text("wikipedia", "calib"), 512, args.curve_windows, progress=False)["ppl"]
     zeros = sum(int((p == 0).sum()) for p in params.values())
     numel = sum(p.numel() for p in params.values())
     result = {
         "method": method, "pattern": str(pat), "options": {**opts, "lr": lr}, "config": cfg.__dict__,
         "tokens": report.tokens, "train_seconds": report.seconds, "resumed_from": report.resumed_from,
-        "ppl_before_training": before, "pruned_ppl": ppl["ppl"], "measured_sparsity": zeros / numel,
+        "ppl_before_training": before, "pruned_ppl": ppl["ppl"], "calib_ppl": calib_ppl, "calib_windows": args.curve_windows, "measured_sparsity": zeros / numel,
         "eval": {k: ppl[k] for k in ("text", "part", "seqlen", "windows", "tokens", "bos")},
         "curve": curve.points, "curve_windows": args.curve_windows, "log": report.log,
         "wall_seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
@@ -177,7 +180,8 @@ def summarize(out: Path = OUT) -> Path:
     for path in sorted(Path(out).glob("*.json")):
         r = json.loads(path.read_text())
         rows.append({"method": r["method"], "pattern": r["pattern"], "tokens": r["tokens"],
-                     "ppl": round(r["pruned_ppl"], 3), "ppl_before_training": r["ppl_before_training"] or "",
+                     "ppl": round(r["pruned_ppl"], 3), "calib_ppl": round(r["calib_ppl"], 3) if "calib_ppl" in r else "",
+                     "ppl_before_training": r["ppl_before_training"] or "",
                      "train_seconds": round(r["train_seconds"], 1), "options": json.dumps(r["options"]),
                      "peak_rss_mb": round(r.get("peak_rss_mb", 0))})
     target = Path(out).with_suffix(".csv")  # results/e2e -> results/e2e.csv
