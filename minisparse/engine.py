@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from .methods import Method, get_method
 from .models import decoder_layers, prunable_linears

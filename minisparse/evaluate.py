@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from .data import load_text, tokenize
 from .models import uses_bos

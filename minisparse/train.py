@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from .distributed import all_finite, all_reduce_sum, shard_mesh
 
