@@ -105,7 +105,8 @@ def run(args, method: str, setting: str) -> Path:
     else:
         lm, before = load_model("smollm2-135m"), None
     model, tok = lm.model, lm.tokenizer
-    stream = tokenize(tok, load_text("wikipedia", "calib"))
+    calib_text = load_text("wikipedia", "calib")
+    stream = tokenize(tok, calib_text)
     eval_text = load_text("wikipedia", "eval")
     params = prunable_parameters(model)
     originals = {n: p.detach().clone() for n, p in params.items()}
@@ -154,7 +155,7 @@ def run(args, method: str, setting: str) -> Path:
     ppl = perplexity(model, tok, eval_text, 512, args.eval_windows, progress=True)
     # the number hyperparameters are chosen by: the final (feasible) model's perplexity on calibration text,
     # never on the evaluation half
-    calib_ppl = perplexity(model, tok, load_text("wikipedia", "calib"), 512, args.curve_windows, progress=False)["ppl"]
+    calib_ppl = perplexity(model, tok, calib_text, 512, args.curve_windows, progress=False)["ppl"]
     zeros = sum(int((p == 0).sum()) for p in params.values())
     numel = sum(p.numel() for p in params.values())
     result = {
