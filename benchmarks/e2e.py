@@ -136,7 +136,8 @@ def run(args, method: str, setting: str) -> Path:
         low = method == "elsa-l"
         hooks = ADMM(pat, lam=float(opts.get("lam", 0.01)), interval=int(opts.get("interval", 32)),
                      projection=str(opts.get("projection", "fisher")), schedule=str(opts.get("schedule", "constant")),
-                     steps=args.steps, lam_final=opts.get("lam_final"), low_precision=low)
+                     steps=args.steps, lam_final=opts.get("lam_final"), low_precision=low,
+                     penalty=str(opts.get("penalty", "gradient")))
         cfg = TrainConfig(warmup=0.0, betas=(0.9, 0.95), optimizer="adamw8bit" if low else "adamw", **cfg_kw)
 
         def feasible(ps):

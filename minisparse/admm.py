@@ -5,7 +5,14 @@ For :math:`\min_x f(x)` subject to :math:`x \in S` (a sparsity pattern per weigh
 feasible copy :math:`z \in S`, a scaled dual :math:`u` and a penalty :math:`\lambda`, and alternates
 
 - x-update: optimizer steps on :math:`f(x) + \tfrac{\lambda}{2}\|x - z + u\|^2`, i.e. the gradient gets
-  :math:`\lambda (x - z + u)` added before the step (:meth:`ADMM.before_step`);
+  :math:`\lambda (x - z + u)` added before the step (:meth:`ADMM.before_step`; ``penalty="gradient"``, as
+  ELSA does), or, with ``penalty="decoupled"``, the optimizer steps on :math:`f` alone and every step is
+  followed by the exact proximal step of the penalty with step :math:`\gamma = \eta_t\lambda` (the current
+  learning rate times lam, as AdamW decouples weight decay):
+  :math:`x \leftarrow (x + \gamma (z - u)) / (1 + \gamma)`. An adaptive optimizer normalises whatever
+  is in the gradient, so in the gradient form a weight moves at most about :math:`\eta` per step whatever
+  :math:`\lambda` is, and a pruned weight of size :math:`w` needs about :math:`w/\eta` steps to reach
+  zero; the decoupled step shrinks it geometrically, which is what a short (CPU) token budget needs;
 - every ``interval`` steps: :math:`z \leftarrow \Pi_S(x + u)`, :math:`u \leftarrow u + x - z`
   (:meth:`ADMM.after_step`); when :math:`\lambda` changes, :math:`u` is rescaled by
   :math:`\lambda_\text{old}/\lambda_\text{new}` so the unscaled dual :math:`\lambda u` is unchanged.
@@ -66,13 +73,20 @@ class ADMM(TrainHooks):
     ``pattern``: the constraint set S (unstructured is per matrix). ``lam``: penalty; ``interval``: optimizer
     steps between z/u updates; ``projection``: ``"magnitude"`` or ``"fisher"``; ``schedule``:
     ``"constant"`` or ``"increasing"`` (geometric from ``lam`` to ``lam_final`` over ``steps``);
-    ``low_precision``: ELSA-L's FP8 z and BF16 u.
+    ``low_precision``: ELSA-L's FP8 z and BF16 u; ``penalty``: ``"gradient"`` (ELSA's form: added to the
+    gradient before the optimizer step) or ``"decoupled"`` (the penalty's proximal step after it, with step
+    lr x lam; lam is then per unit learning rate, like AdamW's weight decay, so sensible values are ~10-1000).
     """
 
     def __init__(self, pattern: Pattern | str, sparsity: float | None = None, *, lam: float = 0.01,
                  interval: int = 32, projection: str = "magnitude", schedule: str = "constant",
-                 steps: int = 1, lam_final: float | None = None, low_precision: bool = False):
+                 steps: int = 1, lam_final: float | None = None, low_precision: bool = False,
+                 penalty: str = "gradient"):
         self.pattern = parse_pattern(pattern, sparsity)
+        if penalty not in ("gradient", "decoupled"):
+            raise ValueError(f"penalty must be 'gradient' (added to the gradient, as ELSA does) or 'decoupled' "
+                             f"(a proximal step of lr x lam after the optimizer step); got {penalty!r}")
+        self.penalty = penalty
         if not (lam > 0 and math.isfinite(lam)):
             raise ValueError(f"the ADMM penalty lam must be a positive number; got {lam!r}")
         if int(interval) < 1:
@@ -154,6 +168,8 @@ class ADMM(TrainHooks):
         return self.lam * (local(p.detach()) - self._get_z(n) + self._get_u(n))
 
     def before_step(self, step: int, params: dict[str, nn.Parameter]) -> None:
+        if self.penalty == "decoupled":
+            return
         for n, p in params.items():
             pen = self.penalty_grad(n, p)
             if self.mesh is not None:  # a DTensor gradient: add to this rank's shard
@@ -169,6 +185,12 @@ class ADMM(TrainHooks):
                    optimizer: torch.optim.Optimizer | None = None) -> None:
         if optimizer is not None:
             self.optimizer = optimizer
+        if self.penalty == "decoupled" and lr > 0:
+            gamma = lr * self.lam
+            for n, p in params.items():
+                x = local(p.detach())
+                target = (self._get_z(n) - self._get_u(n)).to(x.dtype)
+                x.add_(target, alpha=gamma).div_(1.0 + gamma)
         if (step + 1) % self.interval:
             return
         new_lam = penalty_at(step + 1, self.lam0, self.schedule, self.steps, self.lam_final)
@@ -237,14 +259,17 @@ def state_bytes(low_precision: bool, optimizer_bits: int = 32, weight_bytes: int
           description="ADMM on the model's loss with a sparsity projection (ELSA; low_precision=true: ELSA-L)")
 def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern | str, *, lam: float = 0.01,
          interval: int = 32, projection: str = "fisher", schedule: str = "constant", lam_final: float | None = None,
-         low_precision: bool = False, optimizer: str = "adamw", lr: float = 2e-4, steps: int = 256,
+         low_precision: bool = False, penalty: str = "gradient", optimizer: str = "adamw", lr: float = 2e-4,
+         steps: int = 256,
          batch_size: int = 2, warmup: float = 0.0, clip: float = 1.0, grad_checkpointing: bool = False,
          log_every: int = 8, checkpoint_every: int = 0, checkpoint_dir: str | None = None,
          seqlen: int = 512, seed: int = 0, bos_id: int | None = None, progress: bool = True) -> dict[str, Any]:
     """ELSA / ELSA-L on every prunable Linear of ``model``; the final weights are Π_S(x).
 
     Defaults follow the released recipe where it fits a CPU (lr 2e-4, lam 0.01 constant, interval 32,
-    Adam betas (0.9, 0.95), clipping 1.0, Fisher projection); ``steps`` and ``batch_size`` set the token
+    Adam betas (0.9, 0.95), clipping 1.0, Fisher projection, the penalty in the gradient);
+    ``penalty="decoupled"`` takes the penalty's proximal step after each optimizer step instead (see
+    :class:`ADMM`; lam is then per unit learning rate); ``steps`` and ``batch_size`` set the token
     budget (steps x batch_size x seqlen). ``optimizer="adamw8bit"`` uses 8-bit moments. Called with
     ``model=None`` it only validates the options.
 
@@ -261,14 +286,15 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
                       checkpoint_every=int(checkpoint_every), checkpoint_dir=checkpoint_dir, optimizer=optimizer)
     cfg.check()
     hooks = ADMM(pat, lam=lam, interval=interval, projection=projection, schedule=schedule, steps=cfg.steps,
-                 lam_final=lam_final, low_precision=low_precision)
+                 lam_final=lam_final, low_precision=low_precision, penalty=penalty)
     if model is None:
         return {}
     params = checked_parameters(model, pat)
     report = train(model, stream, cfg, hooks, params, bos_id=bos_id, progress=progress)
     hooks.finalize(params)
     return {"method": "elsa", "config": {**cfg.__dict__, "lam": lam, "interval": interval, "projection": projection,
-                                           "schedule": schedule, "low_precision": low_precision},
+                                           "schedule": schedule, "low_precision": low_precision,
+                                           "penalty": penalty},
             "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
             "resumed_from": report.resumed_from, "admm_state_bytes_per_param": hooks.bytes_per_param(),
             "state_bytes_model": state_bytes(low_precision, 8 if optimizer == "adamw8bit" else 32)}
