@@ -138,7 +138,9 @@ def run(args, method: str, setting: str) -> Path:
                      projection=str(opts.get("projection", "fisher")), schedule=str(opts.get("schedule", "constant")),
                      steps=args.steps, lam_final=opts.get("lam_final"), low_precision=low,
                      penalty=str(opts.get("penalty", "gradient")))
-        cfg = TrainConfig(warmup=0.0, betas=(0.9, 0.95), optimizer="adamw8bit" if low else "adamw", **cfg_kw)
+        # ELSA-L uses the 8-bit AdamW unless -o optimizer=adamw asks for 32-bit moments (to separate its parts)
+        optimizer = str(opts.get("optimizer", "adamw8bit" if low else "adamw"))
+        cfg = TrainConfig(warmup=0.0, betas=(0.9, 0.95), optimizer=optimizer, **cfg_kw)
 
         def feasible(ps):
             hooks.finalize(ps)
@@ -170,7 +172,7 @@ def run(args, method: str, setting: str) -> Path:
     }
     if method.startswith("elsa"):
         result["admm_state_bytes_per_param"] = hooks.bytes_per_param()
-        result["state_bytes_model"] = state_bytes(method == "elsa-l", 8 if method == "elsa-l" else 32)
+        result["state_bytes_model"] = state_bytes(method == "elsa-l", 8 if cfg.optimizer == "adamw8bit" else 32)
     write_json(path, result)
     shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     print(path.name, "ppl", round(ppl["ppl"], 2), flush=True)
