@@ -25,7 +25,7 @@ def _sparse_ls(seed, n=12, k=4, m=30):
 
 
 def _ls_on(A, b, S):
-    S = list(S)
+    S = sorted(S)  # same support, same float result, whatever order it came in
     xs = torch.linalg.lstsq(A[:, S], b).solution
     return float(((A[:, S] @ xs - b) ** 2).sum())
 
@@ -60,7 +60,7 @@ def test_admm_finds_the_best_support_of_small_sparse_least_squares():
         mag_ratios.append(_ls_on(A, b, torch.topk(x0.abs(), k).indices.tolist()) / best)
         assert admm.last["primal_residual"] < 1e-6  # x and z agree at the end
     assert max(ratios) < 1 + 1e-9, ratios  # the exact optimum on every instance
-    assert sum(ratios) <= sum(mag_ratios)
+    assert sum(ratios) <= sum(mag_ratios) * (1 + 1e-12)
 
 
 def test_decoupled_penalty_is_the_exact_proximal_step_and_stays_out_of_the_gradient():
@@ -112,7 +112,8 @@ def test_decoupled_admm_with_adam_reaches_a_feasible_point_and_good_supports():
         assert admm.last["primal_residual"] < 1e-3, admm.last
         ratios.append(_ls_on(A, b, S) / best)
         mag_ratios.append(_ls_on(A, b, torch.topk(x0.abs(), k).indices.tolist()) / best)
-    assert sum(ratios) <= sum(mag_ratios), (ratios, mag_ratios)
+    # ties (same support) must compare equal: a 1-ulp rounding difference once failed CI here
+    assert sum(ratios) <= sum(mag_ratios) * (1 + 1e-12), (ratios, mag_ratios)
 
 
 def test_low_precision_states_are_fp8_and_bf16_and_track_full_precision():
