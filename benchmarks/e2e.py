@@ -137,7 +137,8 @@ def run(args, method: str, setting: str) -> Path:
         hooks = ADMM(pat, lam=float(opts.get("lam", 0.01)), interval=int(opts.get("interval", 32)),
                      projection=str(opts.get("projection", "fisher")), schedule=str(opts.get("schedule", "constant")),
                      steps=args.steps, lam_final=opts.get("lam_final"), low_precision=low,
-                     penalty=str(opts.get("penalty", "gradient")))
+                     penalty=str(opts.get("penalty", "gradient")),
+                     error_feedback=str(opts.get("error_feedback", "false")).lower() in ("1", "true", "yes"))
         # ELSA-L uses the 8-bit AdamW unless -o optimizer=adamw asks for 32-bit moments (to separate its parts)
         optimizer = str(opts.get("optimizer", "adamw8bit" if low else "adamw"))
         cfg = TrainConfig(warmup=0.0, betas=(0.9, 0.95), optimizer=optimizer, **cfg_kw)

@@ -76,12 +76,17 @@ class ADMM(TrainHooks):
     ``low_precision``: ELSA-L's FP8 z and BF16 u; ``penalty``: ``"gradient"`` (ELSA's form: added to the
     gradient before the optimizer step) or ``"decoupled"`` (the penalty's proximal step after it, with step
     lr x lam; lam is then per unit learning rate, like AdamW's weight decay, so sensible values are ~10-1000).
+    ``error_feedback`` (low precision only): after every z-update the dual is exactly 0 on the kept
+    entries (z = x + u there), so u's BF16 slots on those entries are free; they store the FP8 rounding
+    error ẑ - z instead. The x-update's target ẑ - u is then the exact z - u (up to BF16 rounding of a
+    small error), so the kept weights are not pulled onto the FP8 grid, and the next z-update recovers
+    the true dual as u on the entries where ẑ = 0 and 0 elsewhere. Same bytes as plain ELSA-L.
     """
 
     def __init__(self, pattern: Pattern | str, sparsity: float | None = None, *, lam: float = 0.01,
                  interval: int = 32, projection: str = "magnitude", schedule: str = "constant",
                  steps: int = 1, lam_final: float | None = None, low_precision: bool = False,
-                 penalty: str = "gradient"):
+                 penalty: str = "gradient", error_feedback: bool = False):
         self.pattern = parse_pattern(pattern, sparsity)
         if penalty not in ("gradient", "decoupled"):
             raise ValueError(f"penalty must be 'gradient' (added to the gradient, as ELSA does) or 'decoupled' "
@@ -98,6 +103,9 @@ class ADMM(TrainHooks):
         self.lam0, self.lam, self.interval = float(lam), float(lam), int(interval)
         self.projection, self.schedule, self.steps, self.lam_final = projection, schedule, int(steps), lam_final
         self.low_precision = bool(low_precision)
+        if error_feedback and not self.low_precision:
+            raise ValueError("error_feedback corrects the FP8 rounding of z: it needs low_precision=True (ELSA-L)")
+        self.error_feedback = bool(error_feedback)
         self.z: dict[str, torch.Tensor] = {}
         self.z_scale: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
@@ -199,12 +207,16 @@ class ADMM(TrainHooks):
             x = local(p.detach())
             x = x if x.dtype in (torch.float32, torch.float64) else x.float()
             u = self._get_u(n).to(x.dtype)
+            z_old = self._get_z(n)
+            if self.error_feedback:  # kept entries hold z's rounding error; their dual is 0
+                u = u.masked_fill(z_old != 0, 0.0)
             if new_lam != self.lam:
                 u = u * (self.lam / new_lam)
-            z_old = self._get_z(n)
             z = self.project(x + u, p)
             u = u + x - z
             self._set_z(n, z)
+            if self.error_feedback:  # u == 0 on the kept entries: store ẑ - z there, so ẑ - u == z - u
+                u = u + (self._get_z(n).to(x.dtype) - z)
             self._set_u(n, u)
             primal += float(((x - z) ** 2).sum())
             dual += float(((z - z_old) ** 2).sum())
@@ -259,7 +271,8 @@ def state_bytes(low_precision: bool, optimizer_bits: int = 32, weight_bytes: int
           description="ADMM on the model's loss with a sparsity projection (ELSA; low_precision=true: ELSA-L)")
 def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern | str, *, lam: float = 0.01,
          interval: int = 32, projection: str = "fisher", schedule: str = "constant", lam_final: float | None = None,
-         low_precision: bool = False, penalty: str = "gradient", optimizer: str = "adamw", lr: float = 2e-4,
+         low_precision: bool = False, penalty: str = "gradient", error_feedback: bool = False,
+         optimizer: str = "adamw", lr: float = 2e-4,
          steps: int = 256,
          batch_size: int = 2, warmup: float = 0.0, clip: float = 1.0, grad_checkpointing: bool = False,
          log_every: int = 8, checkpoint_every: int = 0, checkpoint_dir: str | None = None,
@@ -286,7 +299,8 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
                       checkpoint_every=int(checkpoint_every), checkpoint_dir=checkpoint_dir, optimizer=optimizer)
     cfg.check()
     hooks = ADMM(pat, lam=lam, interval=interval, projection=projection, schedule=schedule, steps=cfg.steps,
-                 lam_final=lam_final, low_precision=low_precision, penalty=penalty)
+                 lam_final=lam_final, low_precision=low_precision, penalty=penalty,
+                 error_feedback=error_feedback)
     if model is None:
         return {}
     params = checked_parameters(model, pat)
@@ -294,7 +308,7 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
     hooks.finalize(params)
     return {"method": "elsa", "config": {**cfg.__dict__, "lam": lam, "interval": interval, "projection": projection,
                                            "schedule": schedule, "low_precision": low_precision,
-                                           "penalty": penalty},
+                                           "penalty": penalty, "error_feedback": error_feedback},
             "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
             "resumed_from": report.resumed_from, "admm_state_bytes_per_param": hooks.bytes_per_param(),
             "state_bytes_model": state_bytes(low_precision, 8 if optimizer == "adamw8bit" else 32)}

@@ -126,6 +126,66 @@ def test_low_precision_states_are_fp8_and_bf16_and_track_full_precision():
     assert low.bytes_per_param() < 3.5  # 1 (z) + 2 (u) + a per-tensor scale
 
 
+def test_error_feedback_keeps_the_exact_target_and_the_exact_dual():
+    """One z-update of ELSA-L with and without error feedback from the same state: the stored dual on the
+    pruned entries is the same, and the x-update's target ẑ - u on the kept entries is the exact z."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.Parameter(torch.randn(8, 32, generator=g) * torch.rand(8, 32, generator=g))
+    plain, fb = (ADMM("unstructured", 0.75, lam=1.0, interval=1, low_precision=True, error_feedback=e) for e in (False, True))
+    for a in (plain, fb):
+        a.setup({"x": x})
+    for step in range(3):  # the second and third updates read back the dual that feedback stored
+        with torch.no_grad():
+            x.add_(0.1 * torch.randn(8, 32, generator=g))
+            u_exact = plain._get_u("x")  # what the dual is before this update (plain ELSA-L stores it as is)
+            z_exact = plain.project(x.detach() + u_exact)
+            plain.after_step(step, {"x": x})
+            fb.after_step(step, {"x": x})
+        kept = z_exact != 0
+        assert torch.equal(fb._get_z("x") != 0, kept)
+        assert torch.equal(fb._get_u("x")[~kept], plain._get_u("x")[~kept])  # the true dual where pruned
+        target_fb = (fb._get_z("x") - fb._get_u("x"))[kept]
+        target_plain = (plain._get_z("x") - plain._get_u("x"))[kept]
+        err_plain = (target_plain - z_exact[kept]).abs().max()
+        err_fb = (target_fb - z_exact[kept]).abs().max()
+        assert err_plain > 1e-3  # FP8: a rounding of a few percent
+        assert err_fb < err_plain / 100  # only BF16's rounding of the rounding error is left
+
+
+def test_error_feedback_elsa_l_ends_next_to_elsa_on_sparse_least_squares():
+    """Without feedback ELSA-L's kept weights stop on the FP8 grid (one rounding, ~1e-2 relative); with it they
+    end next to ELSA's, same support."""
+    n, k, m, steps = 40, 10, 80, 1500
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        A = torch.randn(m, n, generator=g, dtype=torch.float64)
+        x_true = torch.zeros(n, dtype=torch.float64)
+        x_true[:k] = 3 * torch.randn(k, generator=g, dtype=torch.float64)
+        b = A @ x_true + 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
+        L = float(torch.linalg.matrix_norm(A, 2) ** 2)
+        finals = {}
+        for name, kw in (("elsa", {}), ("plain", {"low_precision": True}),
+                         ("feedback", {"low_precision": True, "error_feedback": True})):
+            x = torch.nn.Parameter(torch.linalg.lstsq(A, b).solution.reshape(1, -1).clone())
+            params = {"x": x}
+            admm = ADMM("unstructured", 1 - k / n, lam=0.01 * L, interval=10, schedule="increasing", steps=steps,
+                        lam_final=10 * L, penalty="decoupled", **kw)
+            admm.setup(params)
+            opt = torch.optim.SGD([x], lr=0.5 / L)
+            for t in range(steps):
+                opt.zero_grad()
+                (0.5 * ((A @ x.reshape(-1) - b) ** 2).sum()).backward()
+                opt.step()
+                with torch.no_grad():
+                    admm.after_step(t, params, 0.5 / L, opt)
+            finals[name] = admm.project(x.detach()).reshape(-1)
+        e = finals["elsa"]
+        d_plain = float((finals["plain"] - e).norm() / e.norm())
+        d_fb = float((finals["feedback"] - e).norm() / e.norm())
+        assert torch.equal(finals["feedback"] != 0, e != 0)
+        assert d_fb < 1e-3 and d_fb < d_plain / 10, (d_fb, d_plain)
+
+
 def test_dual_is_rescaled_when_the_penalty_changes():
     x = torch.nn.Parameter(torch.randn(4, 8))
     admm = ADMM("2:4", lam=1.0, interval=1, schedule="increasing", steps=10, lam_final=10.0)
@@ -247,6 +307,7 @@ def _interrupt_after(model, s, step, ck, args):
 @pytest.mark.parametrize("kwargs,needle", [
     ({"lam": 0.0}, "penalty lam"), ({"interval": 0}, "interval"), ({"projection": "hessian"}, "projection"),
     ({"schedule": "cosine"}, "schedule"), ({"optimizer": "sgd"}, "optimizer"), ({"penalty": "l1"}, "penalty must"),
+    ({"error_feedback": True}, "needs low_precision"),
 ])
 def test_elsa_rejects_bad_options(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
