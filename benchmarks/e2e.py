@@ -89,6 +89,8 @@ def run(args, method: str, setting: str) -> Path:
     from minisparse.train import FixedMask, TrainConfig, prunable_parameters, train
 
     opts = dict(_option(o) for o in args.option)
+    if method == "elsa-l":  # error feedback is ELSA-L's default since 2026-12-02; older ELSA-L files without the
+        opts.setdefault("error_feedback", True)  # option are the plain variant (now -o error_feedback=false)
     name = f"{method}-{setting.replace(':', 'of')}-s{args.steps}b{args.batch_size}l{args.seqlen}"
     if opts:
         name += "-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items()))
@@ -138,7 +140,7 @@ def run(args, method: str, setting: str) -> Path:
                      projection=str(opts.get("projection", "fisher")), schedule=str(opts.get("schedule", "constant")),
                      steps=args.steps, lam_final=opts.get("lam_final"), low_precision=low,
                      penalty=str(opts.get("penalty", "gradient")),
-                     error_feedback=str(opts.get("error_feedback", "false")).lower() in ("1", "true", "yes"))
+                     error_feedback=opts.get("error_feedback"))
         # ELSA-L uses the 8-bit AdamW unless -o optimizer=adamw asks for 32-bit moments (to separate its parts)
         optimizer = str(opts.get("optimizer", "adamw8bit" if low else "adamw"))
         cfg = TrainConfig(warmup=0.0, betas=(0.9, 0.95), optimizer=optimizer, **cfg_kw)

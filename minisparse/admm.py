@@ -76,7 +76,7 @@ class ADMM(TrainHooks):
     ``low_precision``: ELSA-L's FP8 z and BF16 u; ``penalty``: ``"gradient"`` (ELSA's form: added to the
     gradient before the optimizer step) or ``"decoupled"`` (the penalty's proximal step after it, with step
     lr x lam; lam is then per unit learning rate, like AdamW's weight decay, so sensible values are ~10-1000).
-    ``error_feedback`` (low precision only): after every z-update the dual is exactly 0 on the kept
+    ``error_feedback`` (low precision only; the default there, ``False`` gives the plain variant): after every z-update the dual is exactly 0 on the kept
     entries (z = x + u there), so u's BF16 slots on those entries are free; they store the FP8 rounding
     error ẑ - z instead. The x-update's target ẑ - u is then the exact z - u (up to BF16 rounding of a
     small error), so the kept weights are not pulled onto the FP8 grid, and the next z-update recovers
@@ -86,7 +86,7 @@ class ADMM(TrainHooks):
     def __init__(self, pattern: Pattern | str, sparsity: float | None = None, *, lam: float = 0.01,
                  interval: int = 32, projection: str = "magnitude", schedule: str = "constant",
                  steps: int = 1, lam_final: float | None = None, low_precision: bool = False,
-                 penalty: str = "gradient", error_feedback: bool = False):
+                 penalty: str = "gradient", error_feedback: bool | None = None):
         self.pattern = parse_pattern(pattern, sparsity)
         if penalty not in ("gradient", "decoupled"):
             raise ValueError(f"penalty must be 'gradient' (added to the gradient, as ELSA does) or 'decoupled' "
@@ -103,6 +103,8 @@ class ADMM(TrainHooks):
         self.lam0, self.lam, self.interval = float(lam), float(lam), int(interval)
         self.projection, self.schedule, self.steps, self.lam_final = projection, schedule, int(steps), lam_final
         self.low_precision = bool(low_precision)
+        if error_feedback is None:  # on by default wherever z is stored in FP8
+            error_feedback = self.low_precision
         if error_feedback and not self.low_precision:
             raise ValueError("error_feedback corrects the FP8 rounding of z: it needs low_precision=True (ELSA-L)")
         self.error_feedback = bool(error_feedback)
@@ -165,8 +167,12 @@ class ADMM(TrainHooks):
             self.pattern.check_shape(tuple(p.shape))
             with torch.no_grad():
                 x = local(p.detach())
-                self._set_z(n, self.project(x, None, layout=p))  # z0 = magnitude projection of the dense weights
-                self._set_u(n, torch.zeros_like(x, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32))
+                z0 = self.project(x, None, layout=p)  # z0 = magnitude projection of the dense weights
+                self._set_z(n, z0)
+                u0 = torch.zeros_like(x, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                if self.error_feedback:  # u0 = 0, so the kept entries store z0's rounding error
+                    u0 = u0 + (self._get_z(n).to(u0.dtype) - z0.to(u0.dtype))
+                self._set_u(n, u0)
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the projection access to the optimizer's second moments (the Fisher projection)."""
@@ -271,7 +277,7 @@ def state_bytes(low_precision: bool, optimizer_bits: int = 32, weight_bytes: int
           description="ADMM on the model's loss with a sparsity projection (ELSA; low_precision=true: ELSA-L)")
 def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern | str, *, lam: float = 0.01,
          interval: int = 32, projection: str = "fisher", schedule: str = "constant", lam_final: float | None = None,
-         low_precision: bool = False, penalty: str = "gradient", error_feedback: bool = False,
+         low_precision: bool = False, penalty: str = "gradient", error_feedback: bool | None = None,
          optimizer: str = "adamw", lr: float = 2e-4,
          steps: int = 256,
          batch_size: int = 2, warmup: float = 0.0, clip: float = 1.0, grad_checkpointing: bool = False,
@@ -308,7 +314,7 @@ def elsa(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern 
     hooks.finalize(params)
     return {"method": "elsa", "config": {**cfg.__dict__, "lam": lam, "interval": interval, "projection": projection,
                                            "schedule": schedule, "low_precision": low_precision,
-                                           "penalty": penalty, "error_feedback": error_feedback},
+                                           "penalty": penalty, "error_feedback": hooks.error_feedback},
             "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
             "resumed_from": report.resumed_from, "admm_state_bytes_per_param": hooks.bytes_per_param(),
             "state_bytes_model": state_bytes(low_precision, 8 if optimizer == "adamw8bit" else 32)}

@@ -129,11 +129,15 @@ def test_low_precision_states_are_fp8_and_bf16_and_track_full_precision():
 def test_error_feedback_keeps_the_exact_target_and_the_exact_dual():
     """One z-update of ELSA-L with and without error feedback from the same state: the stored dual on the
     pruned entries is the same, and the x-update's target ẑ - u on the kept entries is the exact z."""
+    assert ADMM("unstructured", 0.5, low_precision=True).error_feedback  # ELSA-L's default
+    assert not ADMM("unstructured", 0.5).error_feedback
     g = torch.Generator().manual_seed(5)
     x = torch.nn.Parameter(torch.randn(8, 32, generator=g) * torch.rand(8, 32, generator=g))
     plain, fb = (ADMM("unstructured", 0.75, lam=1.0, interval=1, low_precision=True, error_feedback=e) for e in (False, True))
     for a in (plain, fb):
         a.setup({"x": x})
+    z0 = plain.project(x.detach())
+    assert torch.allclose((fb._get_z("x") - fb._get_u("x"))[z0 != 0], z0[z0 != 0], rtol=2**-10, atol=0)  # from setup on
     for step in range(3):  # the second and third updates read back the dual that feedback stored
         with torch.no_grad():
             x.add_(0.1 * torch.randn(8, 32, generator=g))
@@ -164,7 +168,7 @@ def test_error_feedback_elsa_l_ends_next_to_elsa_on_sparse_least_squares():
         b = A @ x_true + 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
         L = float(torch.linalg.matrix_norm(A, 2) ** 2)
         finals = {}
-        for name, kw in (("elsa", {}), ("plain", {"low_precision": True}),
+        for name, kw in (("elsa", {}), ("plain", {"low_precision": True, "error_feedback": False}),
                          ("feedback", {"low_precision": True, "error_feedback": True})):
             x = torch.nn.Parameter(torch.linalg.lstsq(A, b).solution.reshape(1, -1).clone())
             params = {"x": x}
