@@ -372,7 +372,7 @@ def _validate_lm_eval(args) -> list[str]:
     """Check the lm-eval arguments (task names included) before any model is loaded."""
     import importlib.util
 
-    from .lmeval import hub_offline_error, resolve_tasks
+    from .lmeval import hub_offline_error, hub_unreachable_error, resolve_tasks
 
     if importlib.util.find_spec("lm_eval") is None:
         raise CliError("--tasks needs lm-eval: pip install 'minisparse[eval]' (lm-eval==0.4.13)")
@@ -385,7 +385,7 @@ def _validate_lm_eval(args) -> list[str]:
         tasks = resolve_tasks(args.tasks)
     except ValueError as err:
         raise CliError(f"--tasks: {err}") from None
-    offline = hub_offline_error(tasks)
+    offline = hub_offline_error(tasks) or hub_unreachable_error(tasks)  # before minutes of loading and perplexity
     if offline is not None:
         raise CliError(str(offline))
     return tasks

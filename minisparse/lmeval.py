@@ -41,6 +41,7 @@ __all__ = [
     "write_offline_tasks",
     "resolve_tasks",
     "hub_offline_error",
+    "hub_unreachable_error",
     "run_lm_eval",
 ]
 
@@ -248,6 +249,25 @@ def hub_offline_error(tasks: Sequence[str]) -> ValueError | None:
              if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
     if hub and flags:
         return _offline_hint(hub, f"but {' and '.join(flags)} say offline")
+    return None
+
+
+def hub_unreachable_error(tasks: Sequence[str], timeout: float = 5.0) -> ValueError | None:
+    """The error to raise when hub tasks are asked for and the hub's host (``HF_ENDPOINT``, default
+    huggingface.co) does not accept a TCP connection within ``timeout`` seconds; None otherwise. A probe
+    of a few seconds, so that a command fails before it loads a model and computes perplexity."""
+    import socket
+    from urllib.parse import urlsplit
+
+    hub = [t for t in tasks if t not in OFFLINE_TASKS]
+    if not hub:
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return _offline_hint(hub, f"but {host}:{port} could not be reached ({err.__class__.__name__}: {err})")
     return None
 
 

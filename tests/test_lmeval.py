@@ -120,6 +120,34 @@ def test_hub_task_with_offline_environment_fails_clearly_before_loading(tmp_path
     assert res.stdout == ""
 
 
+def test_hub_task_with_an_unreachable_hub_fails_clearly_before_loading(tmp_path):
+    # a closed local port as the hub: the probe fails at once, before the model is loaded (DIR does not exist)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free now, and nothing listens on it
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    res = subprocess.run([sys.executable, "-m", "minisparse", "eval", str(tmp_path / "missing"), "--tasks", "arc_easy"],
+                         capture_output=True, text=True, timeout=300, env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert res.returncode == 2
+    assert f"arc_easy need the Hugging Face hub (network), but 127.0.0.1:{port} could not be reached" in res.stderr
+    assert "could not load model" not in res.stderr and res.stdout == ""
+
+
+def test_hub_probe_passes_when_the_hub_answers_and_ignores_offline_tasks(monkeypatch):
+    import socket
+
+    from minisparse.lmeval import hub_unreachable_error
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable_error(["arc_easy"]) is None  # something listens: the hub is reachable
+    assert hub_unreachable_error([CLOZE]) is None  # no hub task, no probe
+
+
 @pytest.mark.model
 @pytest.mark.slow
 def test_unreachable_hub_task_raises_a_clear_error(smollm, monkeypatch):
