@@ -23,7 +23,10 @@ model is :math:`\Pi_S(x)`. The projection keeps, per pattern group, the largest 
 second moment (Adam's ``exp_avg_sq``: a diagonal empirical Fisher), as ELSA does.
 
 ELSA-L stores :math:`z` in FP8 (e4m3, one scale per tensor) and :math:`u` in BF16; with the 8-bit
-optimizer of :mod:`minisparse.optim8` the whole state shrinks (see :func:`state_bytes`).
+optimizer of :mod:`minisparse.optim8` the whole state shrinks (see :func:`state_bytes`). By default it
+also keeps z's FP8 rounding error in u's slots on the kept entries, where the dual is exactly 0
+(``error_feedback``), so that the x-update's target stays exact: without it the kept weights end on
+the FP8 grid (on SmolLM2-135M at 80%: 338.6 perplexity against ELSA's 229.6; with it 230.5).
 
 With FSDP2-sharded parameters (DTensors) z and u hold each rank's local shard, and the few global
 quantities (an unstructured top-k, the FP8 scale, the residuals) go through :mod:`minisparse.distributed`.
