@@ -79,9 +79,9 @@ class ADMM(TrainHooks):
     ``low_precision``: ELSA-L's FP8 z and BF16 u; ``penalty``: ``"gradient"`` (ELSA's form: added to the
     gradient before the optimizer step) or ``"decoupled"`` (the penalty's proximal step after it, with step
     lr x lam; lam is then per unit learning rate, like AdamW's weight decay, so sensible values are ~10-1000).
-    ``error_feedback`` (low precision only; the default there, ``False`` gives the plain variant): after every z-update the dual is exactly 0 on the kept
-    entries (z = x + u there), so u's BF16 slots on those entries are free; they store the FP8 rounding
-    error ẑ - z instead. The x-update's target ẑ - u is then the exact z - u (up to BF16 rounding of a
+    ``error_feedback`` (low precision only, and its default; ``False`` gives the plain variant): after
+    every z-update the dual is exactly 0 on the kept entries (z = x + u there), so u's BF16 slots on those
+    entries are free; they store the FP8 rounding error ẑ - z instead. The x-update's target ẑ - u is then the exact z - u (up to BF16 rounding of a
     small error), so the kept weights are not pulled onto the FP8 grid, and the next z-update recovers
     the true dual as u on the entries where ẑ = 0 and 0 elsewhere. Same bytes as plain ELSA-L.
     """
@@ -136,6 +136,14 @@ class ADMM(TrainHooks):
     def _set_u(self, n: str, value: torch.Tensor) -> None:
         self.u[n] = value.to(torch.bfloat16) if self.low_precision else value.detach().clone()
 
+    def _store(self, n: str, z: torch.Tensor, u: torch.Tensor) -> None:
+        """Store a new z and u (u is 0 wherever z is kept); with error feedback, u's slots on the kept
+        entries take z's rounding error, so that the stored ẑ - u is the exact z - u."""
+        self._set_z(n, z)
+        if self.error_feedback:
+            u = u + (self._get_z(n).to(u.dtype) - z.to(u.dtype))
+        self._set_u(n, u)
+
     # -- the projection ----------------------------------------------------------------------------
     def _second_moment(self, p: nn.Parameter) -> torch.Tensor | None:
         if self.optimizer is None:
@@ -170,12 +178,9 @@ class ADMM(TrainHooks):
             self.pattern.check_shape(tuple(p.shape))
             with torch.no_grad():
                 x = local(p.detach())
-                z0 = self.project(x, None, layout=p)  # z0 = magnitude projection of the dense weights
-                self._set_z(n, z0)
-                u0 = torch.zeros_like(x, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                if self.error_feedback:  # u0 = 0, so the kept entries store z0's rounding error
-                    u0 = u0 + (self._get_z(n).to(u0.dtype) - z0.to(u0.dtype))
-                self._set_u(n, u0)
+                # z0 = magnitude projection of the dense weights, u0 = 0
+                self._store(n, self.project(x, None, layout=p),
+                            torch.zeros_like(x, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32))
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the projection access to the optimizer's second moments (the Fisher projection)."""
@@ -222,11 +227,8 @@ class ADMM(TrainHooks):
             if new_lam != self.lam:
                 u = u * (self.lam / new_lam)
             z = self.project(x + u, p)
-            u = u + x - z
-            self._set_z(n, z)
-            if self.error_feedback:  # u == 0 on the kept entries: store ẑ - z there, so ẑ - u == z - u
-                u = u + (self._get_z(n).to(x.dtype) - z)
-            self._set_u(n, u)
+            u = u + x - z  # exactly 0 where z keeps x + u
+            self._store(n, z, u)
             primal += float(((x - z) ** 2).sum())
             dual += float(((z - z_old) ** 2).sum())
             norm += float((x ** 2).sum())

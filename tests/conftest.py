@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import settings as _hypothesis_settings
+
 # Property tests check results, not speed: a per-example deadline turns a loaded CI machine into failures
 # (a 0.8 ms example took 488 ms once beside benchmark jobs). Speed is measured by benchmarks/.
 _hypothesis_settings.register_profile("minisparse", deadline=None)
 _hypothesis_settings.load_profile("minisparse")
-
 
 
 @pytest.fixture(scope="session")

@@ -30,21 +30,28 @@ def _ls_on(A, b, S):
     return float(((A[:, S] @ xs - b) ** 2).sum())
 
 
-def _admm_support(A, b, k, low=False, steps=3000):
+def _admm_ls(A, b, k, steps=3000, **options):
+    """ADMM hooks around SGD (lr 0.5/L) on ||Ax - b||², from the dense least-squares solution; returns the
+    final feasible x (one row) and the hooks."""
     n = A.shape[1]
     x = torch.nn.Parameter(torch.linalg.lstsq(A, b).solution.reshape(1, -1).clone())
-    admm = ADMM("unstructured", 1 - k / n, lam=1.0, interval=10, schedule="increasing", steps=steps,
-                lam_final=100.0, low_precision=low)
+    admm = ADMM("unstructured", 1 - k / n, interval=10, schedule="increasing", steps=steps, **options)
     params = {"x": x}
     admm.setup(params)
-    opt = torch.optim.SGD([x], lr=0.5 / float(torch.linalg.matrix_norm(A, 2) ** 2))
+    lr = 0.5 / float(torch.linalg.matrix_norm(A, 2) ** 2)
+    opt = torch.optim.SGD([x], lr=lr)
     for t in range(steps):
         opt.zero_grad()
         ((A @ x.reshape(-1) - b) ** 2).sum().backward()
         admm.before_step(t, params)
         opt.step()
-        admm.after_step(t, params, 0.0, opt)
-    return (admm.project(x.detach()) != 0).reshape(-1).nonzero().reshape(-1).tolist(), admm
+        admm.after_step(t, params, lr, opt)  # lr is used by the decoupled penalty only
+    return admm.project(x.detach()).reshape(-1), admm
+
+
+def _admm_support(A, b, k, low=False, steps=3000):
+    x, admm = _admm_ls(A, b, k, steps, lam=1.0, lam_final=100.0, low_precision=low)
+    return (x != 0).nonzero().reshape(-1).tolist(), admm
 
 
 def test_admm_finds_the_best_support_of_small_sparse_least_squares():
@@ -167,22 +174,9 @@ def test_error_feedback_elsa_l_ends_next_to_elsa_on_sparse_least_squares():
         x_true[:k] = 3 * torch.randn(k, generator=g, dtype=torch.float64)
         b = A @ x_true + 0.5 * torch.randn(m, generator=g, dtype=torch.float64)
         L = float(torch.linalg.matrix_norm(A, 2) ** 2)
-        finals = {}
-        for name, kw in (("elsa", {}), ("plain", {"low_precision": True, "error_feedback": False}),
-                         ("feedback", {"low_precision": True, "error_feedback": True})):
-            x = torch.nn.Parameter(torch.linalg.lstsq(A, b).solution.reshape(1, -1).clone())
-            params = {"x": x}
-            admm = ADMM("unstructured", 1 - k / n, lam=0.01 * L, interval=10, schedule="increasing", steps=steps,
-                        lam_final=10 * L, penalty="decoupled", **kw)
-            admm.setup(params)
-            opt = torch.optim.SGD([x], lr=0.5 / L)
-            for t in range(steps):
-                opt.zero_grad()
-                (0.5 * ((A @ x.reshape(-1) - b) ** 2).sum()).backward()
-                opt.step()
-                with torch.no_grad():
-                    admm.after_step(t, params, 0.5 / L, opt)
-            finals[name] = admm.project(x.detach()).reshape(-1)
+        finals = {name: _admm_ls(A, b, k, steps, lam=0.01 * L, lam_final=10 * L, penalty="decoupled", **kw)[0]
+                  for name, kw in (("elsa", {}), ("plain", {"low_precision": True, "error_feedback": False}),
+                                   ("feedback", {"low_precision": True, "error_feedback": True}))}
         e = finals["elsa"]
         d_plain = float((finals["plain"] - e).norm() / e.norm())
         d_fb = float((finals["feedback"] - e).norm() / e.norm())
