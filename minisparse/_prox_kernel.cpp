@@ -30,10 +30,11 @@
 //     the path beats the best candidate.
 //   * the candidate of least objective wins (ties go to the sparser one); order and signs restored.
 //
-// Driver: chunks of 1024 groups per OpenMP thread go through stages that work on full SIMD blocks
-// (GCC/Clang vector extensions; plain loops otherwise): sort + certificates for all groups, the
-// 3-sparse Newton iteration for those that need it, the dense Newton iteration for those with
-// R(0) < 0, the scalar certified path for the few left, then unsort/signs/scale.
+// Driver: chunks of 256 groups per OpenMP thread go through stages that work on full SIMD blocks
+// (GCC/Clang vector extensions; plain loops otherwise): sort + certificates for all groups, which
+// also writes the output of every group they settle (most of them at large lam); the 3-sparse
+// Newton iteration for the rest; the dense Newton iteration for those with R(0) < 0; the scalar
+// certified path for the few left; then unsort/signs/scale for the groups past stage 1.
 
 #include <algorithm>
 #include <cmath>
@@ -318,6 +319,40 @@ inline void offer(Best& best, const Pt& p) {
     }
 }
 
+// screen_dense: no dense PSD critical point.  Every interior critical point is a fixed point of
+// the antitone map T_i(w) = z_i - lam e2(w without i); the PSD one is sorted like z and has
+// lam (w1 + w2) <= 1 (a 2x2 principal minor of the Hessian).  Alternating interval bounds
+// L <= w <= U, tightened with these facts, prove there is none when U4 <= 0 or the box is empty.
+inline bool screen_dense(const double* z, double lam, int rounds, double t_lo = 0.0) {
+    double L0 = t_lo, L1 = t_lo, L2 = t_lo, L3 = t_lo;
+    double U0 = z[0], U1 = z[1], U2 = z[2], U3 = z[3];
+    const double il = 1.0 / lam;
+    for (int r = 0; r < rounds; ++r) {
+        U0 = std::min(U0, z[0] - lam * (L1 * L2 + L1 * L3 + L2 * L3));
+        U0 = std::min(U0, il - L1);
+        U1 = std::min(std::min(U1, U0), z[1] - lam * (L0 * L2 + L0 * L3 + L2 * L3));
+        U1 = std::min(U1, 0.5 * il);
+        U2 = std::min(std::min(U2, U1), z[2] - lam * (L0 * L1 + L0 * L3 + L1 * L3));
+        U3 = std::min(std::min(U3, U2), z[3] - lam * (L0 * L1 + L0 * L2 + L1 * L2));
+        if (!(U3 > 0.0) || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
+        // z_i - w_i = lam e2(w without i) does not decrease with i at a sorted critical point
+        // (dropping a smaller coordinate leaves a larger e2), so w_j - w_i <= z_j - z_i for i < j
+        U3 = std::min(U3, std::min(U2 - (z[2] - z[3]), std::min(U1 - (z[1] - z[3]), U0 - (z[0] - z[3]))));
+        U2 = std::min(U2, std::min(U1 - (z[1] - z[2]), U0 - (z[0] - z[2])));
+        U1 = std::min(U1, U0 - (z[0] - z[1]));
+        if (!(U3 > 0.0) || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
+        L3 = std::max(L3, z[3] - lam * (U0 * U1 + U0 * U2 + U1 * U2));
+        L2 = std::max(std::max(L2, L3), z[2] - lam * (U0 * U1 + U0 * U3 + U1 * U3));
+        L1 = std::max(std::max(L1, L2), z[1] - lam * (U0 * U2 + U0 * U3 + U2 * U3));
+        L0 = std::max(std::max(L0, L1), z[0] - lam * (U1 * U2 + U1 * U3 + U2 * U3));
+        L2 = std::max(L2, L3 + (z[2] - z[3]));
+        L1 = std::max(L1, std::max(L2 + (z[1] - z[2]), L3 + (z[1] - z[3])));
+        L0 = std::max(L0, std::max(L1 + (z[0] - z[1]), std::max(L2 + (z[0] - z[2]), L3 + (z[0] - z[3]))));
+        if (lam * (L0 + L1) > 1.0 || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
+    }
+    return false;
+}
+
 // Fallback for the dense candidate: a walk along the inner solution t -> (w_{1:3}(t), t) over
 // [0, tb] that either brackets the upward crossing of R (then solved and verified) or certifies,
 // interval by interval, that no point of the path is better than the best candidate v* so far.
@@ -389,6 +424,8 @@ void dense_walk(const double* z, double lam, const Pt& p0, double tb, const Cfg&
         const Pt q = inner(z, lam, tn, cfg, st, k.s + k.sp * H);
         if (!q.ok) {
             if (hD >= H) return;  // the domain ends inside a certified interval
+            // [0, k.t] is certified: no dense critical point with w4 >= k.t ends the search
+            if (screen_dense(z, lam, 8, k.t)) return;
             h = 0.5 * H;
             continue;
         }
@@ -441,31 +478,6 @@ inline bool screen3(const double* z, double lam) {
     const double b = lam * (z[0] + z[1]) - 1.0;
     const double r = std::min(std::max(b / (2.0 * lam), 0.0), rmax);
     return lam * r * r - b * r + (lam * z[0] * z[1] - z[2]) >= 0.0;
-}
-
-// screen_dense: no dense PSD critical point.  Every interior critical point is a fixed point of
-// the antitone map T_i(w) = z_i - lam e2(w without i); the PSD one is sorted like z and has
-// lam (w1 + w2) <= 1 (a 2x2 principal minor of the Hessian).  Alternating interval bounds
-// L <= w <= U, tightened with these facts, prove there is none when U4 <= 0 or the box is empty.
-inline bool screen_dense(const double* z, double lam, int rounds) {
-    double L0 = 0, L1 = 0, L2 = 0, L3 = 0;
-    double U0 = z[0], U1 = z[1], U2 = z[2], U3 = z[3];
-    const double il = 1.0 / lam;
-    for (int r = 0; r < rounds; ++r) {
-        U0 = std::min(U0, z[0] - lam * (L1 * L2 + L1 * L3 + L2 * L3));
-        U0 = std::min(U0, il - L1);
-        U1 = std::min(std::min(U1, U0), z[1] - lam * (L0 * L2 + L0 * L3 + L2 * L3));
-        U1 = std::min(U1, 0.5 * il);
-        U2 = std::min(std::min(U2, U1), z[2] - lam * (L0 * L1 + L0 * L3 + L1 * L3));
-        U3 = std::min(std::min(U3, U2), z[3] - lam * (L0 * L1 + L0 * L2 + L1 * L2));
-        if (!(U3 > 0.0) || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
-        L3 = std::max(L3, z[3] - lam * (U0 * U1 + U0 * U2 + U1 * U2));
-        L2 = std::max(std::max(L2, L3), z[2] - lam * (U0 * U1 + U0 * U3 + U1 * U3));
-        L1 = std::max(std::max(L1, L2), z[1] - lam * (U0 * U2 + U0 * U3 + U2 * U3));
-        L0 = std::max(std::max(L0, L1), z[0] - lam * (U1 * U2 + U1 * U3 + U2 * U3));
-        if (lam * (L0 + L1) > 1.0 || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
-    }
-    return false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,13 +552,14 @@ inline void solve_sorted(const double* z, double lam, const Cfg& cfg, Stats& st,
 // Blocked driver.  The common paths run as branch-free loops over VB lanes that the compiler
 // vectorises (AVX2: two 4-wide registers per loop); groups move between stages through index
 // lists, so every stage works on full blocks:
-//   1. all groups: sort, normalise, 2-sparse certificate (screen2);
+//   1. all groups: sort, normalise, the certificates of a 2-sparse answer (screen2, screen3, and
+//      no 3-sparse critical point), and the output of the groups they settle;
 //   2. the rest: 3-sparse candidate (safeguarded Newton on G), R(0) and R'(0);
 //   3. R(0) < 0: dense candidate (Newton on (s, t), verified);
 //   4. the few groups left (R(0) >= 0 > R'(0), or a Newton iteration that did not verify): the
 //      scalar path solve_sorted (screens, bracketed iteration, certified walk);
-//   5. all groups: restore order, signs and scale.
-constexpr int CH = 1024;  // groups per chunk
+//   5. the groups past stage 1: restore order, signs and scale.
+constexpr int CH = 256;   // groups per chunk (the chunk's work arrays stay in the L1/L2 caches)
 constexpr int VB = 4;     // lanes per block
 typedef int64_t lane_t;   // lane flags as wide as the doubles they steer
 
@@ -554,18 +567,21 @@ struct Work {
     double z2[CH], z3[CH], z4[CH], lam[CH], scale[CH];
     double w[4][CH];      // chosen point, sorted order, normalised (z1 = 1)
     double best[CH];      // its objective
-    double copy[CH];      // 1: output = input (non-finite group, lam == 0, all zero)
     double need[CH];      // 1: not settled by the certificates of stage 1
+    int ncopy;            // groups copied unchanged (non-finite group, lam == 0, all zero)
     double rank[4][CH];   // sorted position of each original coordinate
     int32_t list[CH], list2[CH], list3[CH], list4[CH];
     double ts[CH], tt[CH];  // dense Newton start (s, t)
     double s3[CH];          // root s = lam w3 of the 3-sparse candidate
 };
 
-// Stage 1 for one chunk: returns the number of groups that need the 3-sparse solve (in W.list).
+// Stage 1 for groups g0..n of a chunk (plain loop): sort, normalise, certificates, and the output of
+// a group as if it were settled (its input for a copied group, else its top two): the later stages
+// overwrite the output of the groups that need them (W.need).  Returns the number of copied groups.
 template <typename T>
-inline void stage_sort_tail(const T* y, int g0, int n, Work& W) {
-#pragma omp simd
+inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
+    int ncopy = 0;
+#pragma omp simd reduction(+ : ncopy)
     for (int g = g0; g < n; ++g) {
         double a0 = std::fabs((double)y[4 * g]), a1 = std::fabs((double)y[4 * g + 1]);
         double a2 = std::fabs((double)y[4 * g + 2]), a3 = std::fabs((double)y[4 * g + 3]);
@@ -598,7 +614,7 @@ inline void stage_sort_tail(const T* y, int g0, int n, Work& W) {
         W.z4[g] = z4;
         W.lam[g] = ln;
         W.scale[g] = sc;
-        W.copy[g] = copy ? 1.0 : 0.0;
+        ncopy += copy ? 1 : 0;
         W.rank[0][g] = (i1 == 0.0 ? 1.0 : 0.0) + (i2 == 0.0 ? 2.0 : 0.0) + (i3 == 0.0 ? 3.0 : 0.0);
         W.rank[1][g] = (i1 == 1.0 ? 1.0 : 0.0) + (i2 == 1.0 ? 2.0 : 0.0) + (i3 == 1.0 ? 3.0 : 0.0);
         W.rank[2][g] = (i1 == 2.0 ? 1.0 : 0.0) + (i2 == 2.0 ? 2.0 : 0.0) + (i3 == 2.0 ? 3.0 : 0.0);
@@ -619,19 +635,31 @@ inline void stage_sort_tail(const T* y, int g0, int n, Work& W) {
         const double r3 = std::min(std::max(b3 / (2.0 * ln), 0.0), z3);
         const bool s3 = (!(z4 > 0.0)) & (ln * r3 * r3 - b3 * r3 + c0 >= 0.0);
         const bool big = !(ln <= 1.79769313486231570e308);  // lam * scale overflowed: top-2
-        W.need[g] = ((!copy) & (z3 > 0.0) & (!big) & (!s2) & (!s3)) ? 1.0 : 0.0;
+        // no 3-sparse critical point, hence no dense one (see stage_sort)
+        const double k1 = 1.0 + std::sqrt((1.0 - z2) / (1.0 + z2));
+        const bool s4 = ln * (1.0 + z2) * k1 * k1 >= 4.0;
+        const bool need = (!copy) & (z3 > 0.0) & (!big) & (!s2) & (!s3) & (!s4);
+        W.need[g] = need ? 1.0 : 0.0;
+        for (int i = 0; i < 4; ++i) {
+            const T yi = y[4 * g + i];
+            const double r = W.rank[i][g];
+            // settled: the top two keep their input, the others become zero with the input's
+            // sign; a group that needs the later stages keeps its input for now (x may be y)
+            x[4 * g + i] = (need | copy | (r <= 1.0)) ? yi : (std::signbit(yi) ? (T)-0.0 : (T)0.0);
+        }
     }
+    return ncopy;
 }
 
 template <typename T>
-inline int stage_sort_plain(const T* y, int n, const double* lam, int64_t lam_stride, Work& W) {
+inline int stage_sort_plain(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
     if (lam_stride == 0) {
         const double l0 = lam[0];
         for (int g = 0; g < n; ++g) W.lam[g] = l0;
     } else {
         for (int g = 0; g < n; ++g) W.lam[g] = lam[g];
     }
-    stage_sort_tail<T>(y, 0, n, W);
+    W.ncopy = stage_sort_tail<T>(y, x, 0, n, W);
     int k = 0;
     for (int g = 0; g < n; ++g) {
         W.list[k] = g;
@@ -640,32 +668,30 @@ inline int stage_sort_plain(const T* y, int n, const double* lam, int64_t lam_st
     return k;
 }
 
+// Last stage: the output of the groups that went past stage 1 (W.list[0..k)), from the chosen point
+// of each: order and signs restored, scale undone.  Stage 1 already wrote every other group.
 template <typename T>
-inline void stage_out_plain(const T* y, T* x, int n, const Work& W, int g0, Stats& st) {
-    double c3 = 0.0, c4 = 0.0, cc = 0.0;  // counted as doubles so that the loop vectorises
-#pragma omp simd reduction(+ : c3, c4, cc)
-    for (int j = 0; j < n; ++j) {
-        const int g = g0 + j;
+inline void stage_out(const T* y, T* x, int n, int k, const Work& W, Stats& st, int j0 = 0) {
+    int64_t c3 = 0, c4 = 0;
+    for (int j = j0; j < k; ++j) {
+        const int g = W.list[j];
         const double sc = W.scale[g];
         const double w0 = W.w[0][g] * sc, w1 = W.w[1][g] * sc, w2 = W.w[2][g] * sc, w3 = W.w[3][g] * sc;
-        const bool cp = W.copy[g] != 0.0;
-        cc += cp ? 1.0 : 0.0;
-        c3 += ((!cp) & (w2 != 0.0) & (w3 == 0.0)) ? 1.0 : 0.0;
-        c4 += ((!cp) & (w3 != 0.0)) ? 1.0 : 0.0;
+        c3 += (w2 != 0.0) & (w3 == 0.0);
+        c4 += w3 != 0.0;
         const bool two = (w2 == 0.0) & (w3 == 0.0);
         for (int i = 0; i < 4; ++i) {
             const double r = W.rank[i][g];
-            const double yi = (double)y[4 * j + i], ai = std::fabs(yi);
+            const double yi = (double)y[4 * g + i], ai = std::fabs(yi);
             double o = r == 0.0 ? w0 : (r == 1.0 ? w1 : (r == 2.0 ? w2 : w3));
             // exact inputs for a 2-sparse result, and |x| <= |y| despite rounding
             o = two ? (r <= 1.0 ? ai : 0.0) : (o < ai ? o : ai);
-            const double v = std::signbit(yi) ? -o : o;
-            x[4 * j + i] = cp ? y[4 * j + i] : (T)v;
+            x[4 * g + i] = (T)(std::signbit(yi) ? -o : o);
         }
     }
-    st.n3 += (int64_t)c3;
-    st.n4 += (int64_t)c4;
-    st.n2 += n - (int64_t)(c3 + c4 + cc);
+    st.n3 += c3;
+    st.n4 += c4;
+    st.n2 += n - W.ncopy - c3 - c4;
 }
 
 #if defined(__GNUC__) && !defined(MINISPARSE_NO_VECTOR_EXT)
@@ -706,7 +732,7 @@ static inline void transpose4(vd& a, vd& b, vd& c, vd& d) {
 }
 
 template <typename T>
-inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, Work& W) {
+inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
     if (lam_stride == 0) {
         const double l0 = lam[0];
         for (int g = 0; g < n; ++g) W.lam[g] = l0;
@@ -718,9 +744,13 @@ inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, 
     const vd dmax = {1.79769313486231570e308, 1.79769313486231570e308, 1.79769313486231570e308,
                      1.79769313486231570e308};
     const vd rs2 = {0.7071067811865476, 0.7071067811865476, 0.7071067811865476, 0.7071067811865476};
+    const vi sgn = (vi)(-zero);  // the sign bit
+    vi ncopy = (vi)zero;
     for (int g = 0; g < n4; g += 4) {
         vd a0 = vload(y + 4 * g), a1 = vload(y + 4 * g + 4), a2 = vload(y + 4 * g + 8), a3 = vload(y + 4 * g + 12);
+        const vd yg[4] = {a0, a1, a2, a3};  // inputs, one register per group
         transpose4(a0, a1, a2, a3);
+        const vd ya[4] = {a0, a1, a2, a3};  // inputs, one register per original coordinate
         a0 = a0 < zero ? -a0 : a0;
         a1 = a1 < zero ? -a1 : a1;
         a2 = a2 < zero ? -a2 : a2;
@@ -753,11 +783,11 @@ inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, 
         vstore(W.z4 + g, z4);
         vstore(W.lam + g, ln);
         vstore(W.scale + g, sc);
-        vstore(W.copy + g, copy ? one : zero);
-        vstore(W.rank[0] + g, (i1 == zero ? one : zero) + (i2 == zero ? two : zero) + (i3 == zero ? three : zero));
-        vstore(W.rank[1] + g, (i1 == one ? one : zero) + (i2 == one ? two : zero) + (i3 == one ? three : zero));
-        vstore(W.rank[2] + g, (i1 == two ? one : zero) + (i2 == two ? two : zero) + (i3 == two ? three : zero));
-        vstore(W.rank[3] + g, (i1 == three ? one : zero) + (i2 == three ? two : zero) + (i3 == three ? three : zero));
+        ncopy -= copy;  // lanes are 0 or -1
+        const vd rk[4] = {(i1 == zero ? one : zero) + (i2 == zero ? two : zero) + (i3 == zero ? three : zero),
+                          (i1 == one ? one : zero) + (i2 == one ? two : zero) + (i3 == one ? three : zero),
+                          (i1 == two ? one : zero) + (i2 == two ? two : zero) + (i3 == two ? three : zero),
+                          (i1 == three ? one : zero) + (i2 == three ? two : zero) + (i3 == three ? three : zero)};
         vstore(W.w[0] + g, one);
         vstore(W.w[1] + g, z2);
         vstore(W.w[2] + g, zero);
@@ -778,10 +808,25 @@ inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, 
         r3 = r3 < z3 ? r3 : z3;
         const vi s3 = ~(z4 > zero) & (ln * r3 * r3 - b3 * r3 + c0 >= zero);
         const vi big = ~(ln <= dmax);
-        const vi need = ~copy & (z3 > zero) & ~big & ~s2 & ~s3;
+        // no 3-sparse critical point (hence no dense one): G' <= 0 at G's inflection point, where
+        // G' = 1 - lam^2 m^2 (1 + k)^4 / 4 is largest (m = (1 + z2) / 2, k^2 = (1 - z2) / (1 + z2))
+        const vd kq = vsqrt((one - z2) / (one + z2)), k1 = one + kq;
+        const vi s4 = ln * (one + z2) * k1 * k1 >= 4.0 * one;
+        const vi need = ~copy & (z3 > zero) & ~big & ~s2 & ~s3 & ~s4;
         vstore(W.need + g, need ? one : zero);
+        // the output of a settled group: its input when copied, else its top two (the others zero
+        // with the input's sign).  A group that needs the later stages keeps its input for now
+        // (x may be y), and the last stage writes its output.
+        vd o[4];
+        for (int i = 0; i < 4; ++i) {
+            vstore(W.rank[i] + g, rk[i]);
+            o[i] = (copy | (rk[i] <= one)) ? ya[i] : (vd)((vi)ya[i] & sgn);
+        }
+        transpose4(o[0], o[1], o[2], o[3]);
+        for (int j = 0; j < 4; ++j) vstore(x + 4 * (g + j), need[j] ? yg[j] : o[j]);
     }
-    if (n4 < n) stage_sort_tail<T>(y, n4, n, W);  // tail: the plain loop
+    W.ncopy = (int)(ncopy[0] + ncopy[1] + ncopy[2] + ncopy[3]);
+    if (n4 < n) W.ncopy += stage_sort_tail<T>(y, x, n4, n, W);  // tail: the plain loop
     int k = 0;
     for (int g = 0; g < n; ++g) {
         W.list[k] = g;
@@ -790,59 +835,54 @@ inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, 
     return k;
 }
 
+// Last stage, four listed groups at a time (the rest: the plain loop).
 template <typename T>
-inline void stage_out(const T* y, T* x, int n, const Work& W, Stats& st) {
-    const int n4 = n & ~3;
+inline void stage_out_v(const T* y, T* x, int n, int k, const Work& W, Stats& st) {
+    const int k4 = k & ~3;
     const vd zero = {0, 0, 0, 0}, one = {1, 1, 1, 1}, two = {2, 2, 2, 2};
-    vd c3 = zero, c4 = zero, cc = zero;
-    for (int g = 0; g < n4; g += 4) {
-        const vd sc = vload(W.scale + g);
-        const vd w0 = vload(W.w[0] + g) * sc, w1 = vload(W.w[1] + g) * sc;
-        const vd w2 = vload(W.w[2] + g) * sc, w3 = vload(W.w[3] + g) * sc;
-        const vi cp = vload(W.copy + g) != zero;
-        cc += cp ? one : zero;
-        c3 += (~cp & (w2 != zero) & (w3 == zero)) ? one : zero;
-        c4 += (~cp & (w3 != zero)) ? one : zero;
-        vd ya[4] = {vload(y + 4 * g), vload(y + 4 * g + 4), vload(y + 4 * g + 8), vload(y + 4 * g + 12)};
+    vi c3 = (vi)zero, c4 = (vi)zero;
+    for (int j = 0; j < k4; j += 4) {
+        const int* id = W.list + j;
+        vd sc, w[4], r[4], ya[4];
+        for (int l = 0; l < 4; ++l) {
+            const int g = id[l];
+            sc[l] = W.scale[g];
+            for (int i = 0; i < 4; ++i) {
+                w[i][l] = W.w[i][g];
+                r[i][l] = W.rank[i][g];
+            }
+            ya[l] = vload(y + 4 * g);
+        }
+        for (int i = 0; i < 4; ++i) w[i] *= sc;
+        c3 -= (w[2] != zero) & (w[3] == zero);
+        c4 -= w[3] != zero;
         transpose4(ya[0], ya[1], ya[2], ya[3]);  // one register per original coordinate
-        const vi two_sparse = (w2 == zero) & (w3 == zero);
+        const vi two_sparse = (w[2] == zero) & (w[3] == zero);
         vd o[4];
         for (int i = 0; i < 4; ++i) {
-            const vd r = vload(W.rank[i] + g);
             const vd ai = ya[i] < zero ? -ya[i] : ya[i];
-            const vd oi = r == zero ? w0 : (r == one ? w1 : (r == two ? w2 : w3));
+            const vd oi = r[i] == zero ? w[0] : (r[i] == one ? w[1] : (r[i] == two ? w[2] : w[3]));
             // exact inputs for a 2-sparse result, and |x| <= |y| despite rounding
-            o[i] = two_sparse ? (r <= one ? ai : zero) : (oi < ai ? oi : ai);
+            const vd v = two_sparse ? (r[i] <= one ? ai : zero) : (oi < ai ? oi : ai);
+            o[i] = (vd)((vi)v | ((vi)ya[i] & (vi)(-zero)));  // the input's sign
         }
-        transpose4(o[0], o[1], o[2], o[3]);  // back to one register per group
-        for (int j = 0; j < 4; ++j) {
-            const vd yj = vload(y + 4 * (g + j));
-            const vi neg = (vi)yj < 0;  // sign bit (also of -0.0)
-            vd v = neg ? -o[j] : o[j];
-            v = cp[j] ? yj : v;
-            vstore(x + 4 * (g + j), v);
-        }
+        transpose4(o[0], o[1], o[2], o[3]);
+        for (int l = 0; l < 4; ++l) vstore(x + 4 * id[l], o[l]);
     }
-    double s3 = 0, s4 = 0, scc = 0;
-    for (int l = 0; l < 4; ++l) {
-        s3 += c3[l];
-        s4 += c4[l];
-        scc += cc[l];
-    }
-    st.n3 += (int64_t)s3;
-    st.n4 += (int64_t)s4;
-    st.n2 += n4 - (int64_t)(s3 + s4 + scc);
-    if (n4 < n) stage_out_plain<T>(y + 4 * n4, x + 4 * n4, n - n4, W, n4, st);
+    const int64_t n3 = c3[0] + c3[1] + c3[2] + c3[3], n4 = c4[0] + c4[1] + c4[2] + c4[3];
+    st.n3 += n3;
+    st.n4 += n4;
+    st.n2 -= n3 + n4;
+    stage_out<T>(y, x, n, k, W, st, k4);
 }
+
+#define MS_STAGE_OUT stage_out_v
 #else
 template <typename T>
-inline int stage_sort(const T* y, int n, const double* lam, int64_t lam_stride, Work& W) {
-    return stage_sort_plain<T>(y, n, lam, lam_stride, W);
+inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
+    return stage_sort_plain<T>(y, x, n, lam, lam_stride, W);
 }
-template <typename T>
-inline void stage_out(const T* y, T* x, int n, const Work& W, Stats& st) {
-    stage_out_plain<T>(y, x, n, W, 0, st);
-}
+#define MS_STAGE_OUT stage_out
 #endif
 
 // Stage 2 on one block of VB lanes (indices idx[0..VB), some possibly repeated as padding).
@@ -1314,7 +1354,7 @@ inline void dense_slow(const double* z, double lam, double s, const Cfg& cfg, St
 
 template <typename T>
 void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const Cfg& cfg, Stats& st, Work& W) {
-    const int k = stage_sort<T>(y, n, lam, lam_stride, W);
+    const int k = stage_sort<T>(y, x, n, lam, lam_stride, W);
     int k2 = 0, k3 = 0, k4 = 0;
     lane_t cls[BS];
     int32_t idx[BS];
@@ -1350,7 +1390,7 @@ void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const
         solve_sorted(z, W.lam[g], cfg, st, w);
         for (int i = 0; i < 4; ++i) W.w[i][g] = w[i];
     }
-    stage_out<T>(y, x, n, W, st);
+    MS_STAGE_OUT<T>(y, x, n, k, W, st);
 }
 
 template <typename T>

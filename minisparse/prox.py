@@ -73,15 +73,22 @@ point is the unique upward crossing of :math:`R`, and :math:`R'(t)` is the Schur
   so :math:`p_3` lies in the convex set :math:`C_4` where :math:`g` is convex, and for the dense point
   :math:`w^*` (also in :math:`C_4`) :math:`g(w^*) \ge g(p_3) + \nabla g(p_3)\cdot(w^*-p_3) = g(p_3) +
   R(0) w^*_4 \ge g(p_3)`: the dense point cannot win;
-- otherwise (rare): interval bounds from the fixed-point map of the stationarity conditions (with
-  sortedness and a 2x2 principal minor of the Hessian) often prove there is no dense point; if not, a
-  certified walk along :math:`t`, using :math:`e_2(w(t))` non-increasing (so
+- otherwise (rare): interval bounds from the fixed-point map of the stationarity conditions often
+  prove there is no dense point.  They use sortedness, a 2x2 principal minor of the Hessian
+  (:math:`\lambda(w_1 + w_2) \le 1`), and that :math:`z_i - w_i = \lambda e_2(w_{\setminus i})` does not
+  decrease with :math:`i` at a sorted critical point (dropping a smaller coordinate leaves a larger
+  :math:`e_2`), so :math:`w_j - w_i \le z_j - z_i` for :math:`i < j`.  If they do not, a certified walk
+  along :math:`t`, using :math:`e_2(w(t))` non-increasing (so
   :math:`R \ge t_a - z_4 + \lambda e_2(w(t_b))` on :math:`[t_a, t_b]`) and :math:`R' \le 1`, either
-  brackets the crossing or proves that no point of the path beats the best candidate.
+  brackets the crossing or proves that no point of the path beats the best candidate; where the
+  inner solution ends (a fold) the same interval bounds, with :math:`w \ge t_a`, can end the walk.
 - no interior 3-sparse point: then there is no dense one either.
 
 Cheap certificates skip most of this: a quadratic lower bound proves that the 2-sparse point is
-optimal for most groups that end up 2-sparse.  The Newton iterations stop per group when the relative
+optimal for most groups that end up 2-sparse, and many others have no 3-sparse point at all, which
+needs no iteration: :math:`G'` is largest at :math:`s^*`, where it equals
+:math:`1 - \lambda^2 m^2 (1+\kappa)^4 / 4`, so :math:`\lambda m (1+\kappa)^2 \ge 2` rules out an upward
+crossing.  The Newton iterations stop per group when the relative
 step is below ``tol``; since they converge quadratically the result is then accurate to rounding.
 The kernel works in float64 on groups normalised by their largest magnitude (the problem is scale
 invariant: :math:`(z, \lambda) \sim (cz, \lambda/c)`).  Two facts used above are checked empirically
@@ -100,10 +107,11 @@ written atomically.  No network and no torch headers are
 needed, so it builds in a second or two.  If no compiler works, :func:`prox_24` warns once and uses
 :func:`prox_24_torch`.  ``MINISPARSE_NO_KERNEL=1`` disables the kernel.
 
-The kernel processes chunks of 1024 groups per thread in stages that operate on full SIMD blocks
-(two AVX2 vectors of four groups): sort and certificates for every group; the 3-sparse Newton
-iteration for the groups that need it; the dense Newton iteration for those with :math:`R(0)<0`; the
-scalar certified path for the few left; then order, signs and scale are restored.
+The kernel processes chunks of 256 groups per thread (its work arrays stay in cache) in stages that
+operate on full SIMD blocks (two AVX2 vectors of four groups): sort and certificates for every group,
+writing the output of the groups they settle; the 3-sparse Newton iteration for the groups that need
+it; the dense Newton iteration for those with :math:`R(0)<0`; the scalar certified path for the few
+left; then order, signs and scale are restored for the groups past the first stage.
 """
 from __future__ import annotations
 
