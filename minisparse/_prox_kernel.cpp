@@ -1111,7 +1111,7 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
         }
     const vb_d zero = vb_splat(0.0), one = vb_splat(1.0), half = vb_splat(0.5), two = vb_splat(2.0);
     const vb_d tol = vb_splat(cfg.tol), tiny = vb_splat(1e-300);
-    vb_d m[U], d[U], l2[U], se[U], s[U], r1[U], r2[U], G[U], Gp[U];
+    vb_d m[U], d[U], l2[U], se[U], s[U], r1[U], r2[U], G[U], Gp[U], pd[U];
     vb_i dpos[U], ok[U], right[U], act[U];
     for (int u = 0; u < U; ++u) {
         m[u] = half * (one + z2[u]);
@@ -1137,6 +1137,7 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
         ok[u] = Gp[u] > zero;
         right[u] = G[u] < zero;
         act[u] = ok[u] & (G[u] != zero);
+        pd[u] = zero;  // previous |step| (none yet)
     }
     for (int it = 0; it < cfg.maxit; ++it) {
         bool any = false;
@@ -1147,8 +1148,13 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
             const vb_i leave = right[u] ? ~(ns <= se[u]) : ~(ns >= zero);
             const vb_i noprog = right[u] ? ~(ns > s[u]) : ~(ns < s[u]);
             const vb_d dd = ns - s[u];
-            const vb_i done = (dd < zero ? -dd : dd) <= tol * ns;
+            const vb_d ad = dd < zero ? -dd : dd;
+            // converged: the step is below tol, or the steps shrink quadratically (by 1e3 at least)
+            // and the next one, predicted as |dd| (|dd| / |previous|)^2, is below tol
+            const vb_i done = (ad <= tol * ns) |
+                              ((ad * ad * ad <= tol * ns * pd[u] * pd[u]) & (ad <= vb_splat(1e-3) * pd[u]));
             const vb_i upd = act[u] & ~leave & ~noprog;
+            pd[u] = upd ? ad : pd[u];
             const vb_d sn = upd ? ns : s[u];
             vb_d om = one - sn;
             om = om > tiny ? om : tiny;
@@ -1227,7 +1233,7 @@ inline void stage_dense_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st
     const vb_d tol = vb_splat(cfg.tol), tiny = vb_splat(1e-300);
     vb_d L2[U], il[U], m[U], d[U];
     vb_i dpos[U], act[U], ok[U], last[U];
-    vb_d o1[U], o2[U], o3[U], Gs[U], oF2t[U], oF2s[U], oF1t[U];
+    vb_d o1[U], o2[U], o3[U], Gs[U], oF2t[U], oF2s[U], oF1t[U], pr[U];
     for (int u = 0; u < U; ++u) {
         L2[u] = L[u] * L[u];
         il[u] = one / L[u];
@@ -1238,6 +1244,7 @@ inline void stage_dense_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st
         ok[u] = act[u];
         last[u] = ~act[u];
         o1[u] = o2[u] = o3[u] = Gs[u] = oF2t[u] = oF2s[u] = oF1t[u] = zero;
+        pr[u] = zero;  // previous relative step (none yet)
     }
     for (int it = 0; it <= cfg.maxit + 1; ++it) {
         for (int u = 0; u < U; ++u) {
@@ -1273,9 +1280,13 @@ inline void stage_dense_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st
             const vb_d sn = su + ds, tn = tu + dt;
             const vb_i bad = step & (~((sn > zero) & (sn < one) & (tn > zero)) | ~(det != zero));
             const vb_d ads = ds < zero ? -ds : ds, adt = dt < zero ? -dt : dt;
-            const vb_i conv = (ads <= tol * sn) & (adt <= tol * tn);
+            // converged as in stage_sp3_v, on the larger relative step of the two
+            const vb_d rs = ads / sn, rt = adt / tn, rr = rs > rt ? rs : rt;
+            const vb_i conv = ((ads <= tol * sn) & (adt <= tol * tn)) |
+                              ((rr * rr * rr <= tol * pr[u] * pr[u]) & (rr <= vb_splat(1e-3) * pr[u]));
             ok[u] = bad ? (ok[u] & 0) : ok[u];
             const vb_i mv = step & ~bad;
+            pr[u] = mv ? rr : pr[u];
             s[u] = mv ? sn : su;
             t[u] = mv ? tn : tu;
             act[u] = mv;
