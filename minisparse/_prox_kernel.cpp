@@ -636,8 +636,7 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
         const bool s3 = (!(z4 > 0.0)) & (ln * r3 * r3 - b3 * r3 + c0 >= 0.0);
         const bool big = !(ln <= 1.79769313486231570e308);  // lam * scale overflowed: top-2
         // no 3-sparse critical point, hence no dense one (see stage_sort)
-        const double k1 = 1.0 + std::sqrt((1.0 - z2) / (1.0 + z2));
-        const bool s4 = ln * (1.0 + z2) * k1 * k1 >= 4.0;
+        const bool s4 = ln * (1.0 + std::sqrt(1.0 - z2 * z2)) >= 2.0 + 1e-12;
         const bool need = (!copy) & (z3 > 0.0) & (!big) & (!s2) & (!s3) & (!s4);
         W.need[g] = need ? 1.0 : 0.0;
         for (int i = 0; i < 4; ++i) {
@@ -809,9 +808,9 @@ inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_st
         const vi s3 = ~(z4 > zero) & (ln * r3 * r3 - b3 * r3 + c0 >= zero);
         const vi big = ~(ln <= dmax);
         // no 3-sparse critical point (hence no dense one): G' <= 0 at G's inflection point, where
-        // G' = 1 - lam^2 m^2 (1 + k)^4 / 4 is largest (m = (1 + z2) / 2, k^2 = (1 - z2) / (1 + z2))
-        const vd kq = vsqrt((one - z2) / (one + z2)), k1 = one + kq;
-        const vi s4 = ln * (one + z2) * k1 * k1 >= 4.0 * one;
+        // G' = 1 - lam^2 m^2 (1 + k)^4 / 4 is largest (m = (1 + z2) / 2, k^2 = (1 - z2) / (1 + z2)),
+        // i.e. lam (1 + sqrt(1 - z2^2)) >= 2 (with a margin for rounding)
+        const vi s4 = ln * (one + vsqrt(one - z2 * z2)) >= (2.0 + 1e-12) * one;
         const vi need = ~copy & (z3 > zero) & ~big & ~s2 & ~s3 & ~s4;
         vstore(W.need + g, need ? one : zero);
         // the output of a settled group: its input when copied, else its top two (the others zero

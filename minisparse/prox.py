@@ -87,8 +87,8 @@ point is the unique upward crossing of :math:`R`, and :math:`R'(t)` is the Schur
 Cheap certificates skip most of this: a quadratic lower bound proves that the 2-sparse point is
 optimal for most groups that end up 2-sparse, and many others have no 3-sparse point at all, which
 needs no iteration: :math:`G'` is largest at :math:`s^*`, where it equals
-:math:`1 - \lambda^2 m^2 (1+\kappa)^4 / 4`, so :math:`\lambda m (1+\kappa)^2 \ge 2` rules out an upward
-crossing.  The Newton iterations stop per group when the relative
+:math:`1 - \lambda^2 m^2 (1+\kappa)^4 / 4`, and :math:`m(1+\kappa)^2 = 1 + \sqrt{1 - z_2^2}` (with
+:math:`z_1 = 1`), so :math:`\lambda (1 + \sqrt{1 - z_2^2}) \ge 2` rules out an upward crossing.  The Newton iterations stop per group when the relative
 step is below ``tol``; since they converge quadratically the result is then accurate to rounding.
 The kernel works in float64 on groups normalised by their largest magnitude (the problem is scale
 invariant: :math:`(z, \lambda) \sim (cz, \lambda/c)`).  Two facts used above are checked empirically
