@@ -167,6 +167,29 @@ def test_prox_24_never_worse_than_alm_on_realistic_weights():
         assert (ours - alm).max().item() <= 1e-15
 
 
+@pytest.mark.skipif(not P.kernel_available(), reason="no compiled kernel")
+def test_prox_24_globally_optimal_where_the_kernel_needs_its_slow_path():
+    # groups with R(0) >= 0 > R'(0) (3-sparse point a saddle along w4): three similar small
+    # magnitudes and lam near 1 (normalised); here the kernel's interval screens and certified
+    # walk decide, and a wrong certificate would show up as an excess over the global reference
+    rng = np.random.default_rng(11)
+    n = 3000
+    z2 = rng.uniform(0.1, 1.0, n)
+    z3 = z2 * rng.uniform(0.8, 1.0, n)
+    z4 = z3 * rng.uniform(0.3, 1.0, n)
+    z = np.stack([np.ones(n), z2, z3, z4], 1)
+    lam = rng.uniform(0.6, 1.2, n)
+    perm = np.argsort(rng.random((n, 4)), axis=1)
+    y = np.take_along_axis(z, perm, axis=1) * np.sign(rng.standard_normal((n, 4)))
+    counts: dict = {}
+    x = P.prox_24(torch.tensor(y), torch.tensor(lam).reshape(-1, 1), backend="kernel", stats=counts).numpy()
+    assert counts["walks"] >= 50, counts  # the slow path really ran
+    v_ref, _ = global_reference(z, lam)
+    excess = objective(x, y, lam) - v_ref
+    assert excess.max() <= 1e-9, f"worst excess {excess.max():.3g} at {y[excess.argmax()]}, lam {lam[excess.argmax()]}"
+    xt = P.prox_24(torch.tensor(y), torch.tensor(lam).reshape(-1, 1), backend="torch").numpy()
+    assert np.abs(objective(x, y, lam) - objective(xt, y, lam)).max() <= 1e-12
+
 # ---------------------------------------------------------------------------------------------------
 # kernel == torch path, lambda handling, limits
 
