@@ -327,6 +327,7 @@ inline bool screen_dense(const double* z, double lam, int rounds, double t_lo = 
     double L0 = t_lo, L1 = t_lo, L2 = t_lo, L3 = t_lo;
     double U0 = z[0], U1 = z[1], U2 = z[2], U3 = z[3];
     const double il = 1.0 / lam;
+    double prev = 1e300;
     for (int r = 0; r < rounds; ++r) {
         U0 = std::min(U0, z[0] - lam * (L1 * L2 + L1 * L3 + L2 * L3));
         U0 = std::min(U0, il - L1);
@@ -349,6 +350,9 @@ inline bool screen_dense(const double* z, double lam, int rounds, double t_lo = 
         L1 = std::max(L1, std::max(L2 + (z[1] - z[2]), L3 + (z[1] - z[3])));
         L0 = std::max(L0, std::max(L1 + (z[0] - z[1]), std::max(L2 + (z[0] - z[2]), L3 + (z[0] - z[3]))));
         if (lam * (L0 + L1) > 1.0 || U0 < L0 || U1 < L1 || U2 < L2 || U3 < L3) return true;
+        const double width = (U0 - L0) + (U1 - L1) + (U2 - L2) + (U3 - L3);
+        if (width > 0.99 * prev) return false;  // stalled: the bounds shrink by less than 1% a round
+        prev = width;
     }
     return false;
 }
