@@ -31,7 +31,8 @@
 //   * the candidate of least objective wins (ties go to the sparser one); order and signs restored.
 //
 // Driver: chunks of 256 groups per OpenMP thread go through stages that work on full SIMD blocks
-// (GCC/Clang vector extensions; plain loops otherwise): sort + certificates for all groups, which
+// (GCC/Clang vector extensions, 4 doubles a register with AVX2 and 8 with AVX-512; plain loops
+// otherwise): sort + certificates for all groups, which
 // also writes the output of every group they settle (most of them at large lam); the 3-sparse
 // Newton iteration for the rest; the dense Newton iteration for those with R(0) < 0; the scalar
 // certified path for the few left; then unsort/signs/scale for the groups past stage 1.
@@ -401,9 +402,15 @@ void dense_walk(const double* z, double lam, const Pt& p0, double tb, const Cfg&
     Pt k = p0;
     double h = 0.25 * tb;
     bool fresh = true;  // k just changed: predict the next step
+    double screened = -1.0;  // k.t of the last failed interval screen at a fold
+    bool at_hD = false;      // the step tried ends where the certified interval [k.t, k.t + hD] ends
     if (k.R < 0.0 && hunt(k)) return;
     for (; evals < 4000 && k.t < tb; ++evals) {
-        const double hD = std::max(0.0, k.D - best.v + eps) / std::max(z4 - k.t, 1e-300);
+        // R(t) >= t - z4 gives D(ta + x) >= D(ta) - c x + x^2 / 2 (c = z4 - ta): certified while that
+        // stays above v*, i.e. for x <= c - sqrt(c^2 - 2 delta) (everything when c^2 <= 2 delta)
+        const double dl = std::max(0.0, k.D - best.v + eps), cz = std::max(z4 - k.t, 1e-300);
+        const double disc = cz * cz - 2.0 * dl;
+        const double hD = disc <= 0.0 ? 2.0 * tb : 2.0 * dl / (cz + std::sqrt(disc));
         if (k.t + hD >= tb) return;
         if (fresh) {
             if (k.R > 0.0) h = std::max(h, 0.9 * k.R / std::max(1.0 - k.Rp, 1e-300));
@@ -426,11 +433,18 @@ void dense_walk(const double* z, double lam, const Pt& p0, double tb, const Cfg&
         const double H = tn - k.t;
         if (!(H > 1e-17 * tb)) break;  // nothing left that could matter
         const Pt q = inner(z, lam, tn, cfg, st, k.s + k.sp * H);
+        const bool tried_hD = at_hD;
+        at_hD = false;
         if (!q.ok) {
-            if (hD >= H) return;  // the domain ends inside a certified interval
+            if (hD >= H || tried_hD) return;  // the domain ends inside a certified interval
             // [0, k.t] is certified: no dense critical point with w4 >= k.t ends the search
-            if (screen_dense(z, lam, 8, k.t)) return;
-            h = 0.5 * H;
+            if (screened != k.t) {
+                if (screen_dense(z, lam, 8, k.t)) return;
+                screened = k.t;
+            }
+            // halve, or try the end of the certified interval (failing there ends the walk)
+            at_hD = hD >= 0.5 * H;
+            h = at_hD ? hD : 0.5 * H;
             continue;
         }
         offer(best, q);
@@ -442,14 +456,21 @@ void dense_walk(const double* z, double lam, const Pt& p0, double tb, const Cfg&
             }
         }
         if (hunts < 2 && q.R < 0.0 && hunt(q)) return;
+        // On [ta, tc] (x = t - ta, H = tc - ta): R(t) >= t - z4 + lam E(tc) and R(t) <= R(ta) + x give
+        //   D >= f1(x) = D(ta) + lbR x + x^2 / 2,  lbR = ta - z4 + lam E(tc),
+        //   D >= f2(x) = D(tc) - R(ta) (H - x) - (H^2 - x^2) / 2;
+        // f1 - f2 is linear and non-increasing (lbR <= R(ta)), so max(f1, f2) is f1 left of their
+        // crossing x* and f2 right of it; lb is its minimum over [0, H] (both are convex).
         const double lbR = k.t - z4 + lam * q.E;
-        const double A = std::max(0.0, -lbR), B = std::max(0.0, k.R + H);
-        double x = A + B > 0.0 ? (k.D - q.D + B * H) / (A + B) : 0.0;
-        x = std::min(std::max(x, 0.0), H);
-        const double lb = std::max(k.D - A * x, q.D - B * (H - x));
+        const double C = k.D - q.D + k.R * H + 0.5 * H * H, slope = k.R - lbR;
+        double xs = slope > 0.0 ? C / slope : (C >= 0.0 ? H : 0.0);
+        xs = std::min(std::max(xs, 0.0), H);
+        const double xa = std::min(std::max(-lbR, 0.0), xs), xb = std::min(std::max(-k.R, xs), H);
+        const double lb = std::min(k.D + (lbR + 0.5 * xa) * xa,
+                                   q.D - k.R * (H - xb) - 0.5 * (H * H - xb * xb));
         if (lbR >= 0.0 || lb >= best.v - eps || hD >= H || H <= 1e-15 * tb) {
             k = q;
-            h = H;
+            h = 2.0 * H;  // accepted: try a longer step next
             fresh = true;
             if (q.w3 < q.t) return;  // past the sorted region: w3(t) does not increase
         } else {
@@ -564,7 +585,11 @@ inline void solve_sorted(const double* z, double lam, const Cfg& cfg, Stats& st,
 //      scalar path solve_sorted (screens, bracketed iteration, certified walk);
 //   5. the groups past stage 1: restore order, signs and scale.
 constexpr int CH = 256;   // groups per chunk (the chunk's work arrays stay in the L1/L2 caches)
-constexpr int VB = 4;     // lanes per block
+#ifdef __AVX512F__
+constexpr int VB = 8;     // lanes per block (one AVX-512 register of doubles)
+#else
+constexpr int VB = 4;     // lanes per block (one AVX2 register of doubles)
+#endif
 typedef int64_t lane_t;   // lane flags as wide as the doubles they steer
 
 struct Work {
@@ -572,7 +597,8 @@ struct Work {
     double w[4][CH];      // chosen point, sorted order, normalised (z1 = 1)
     double best[CH];      // its objective
     double need[CH];      // 1: not settled by the certificates of stage 1
-    int ncopy;            // groups copied unchanged (non-finite group, lam == 0, all zero)
+    int ncopy;            // groups copied unchanged (non-finite group, lam == 0, all zero, identity)
+    int nid3, nid4;       // identity groups with 3 and 4 non-zeros
     double rank[4][CH];   // sorted position of each original coordinate
     int32_t list[CH], list2[CH], list3[CH], list4[CH];
     double ts[CH], tt[CH];  // dense Newton start (s, t)
@@ -584,8 +610,8 @@ struct Work {
 // overwrite the output of the groups that need them (W.need).  Returns the number of copied groups.
 template <typename T>
 inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
-    int ncopy = 0;
-#pragma omp simd reduction(+ : ncopy)
+    int ncopy = 0, n3 = 0, n4 = 0;
+#pragma omp simd reduction(+ : ncopy, n3, n4)
     for (int g = g0; g < n; ++g) {
         double a0 = std::fabs((double)y[4 * g]), a1 = std::fabs((double)y[4 * g + 1]);
         double a2 = std::fabs((double)y[4 * g + 2]), a3 = std::fabs((double)y[4 * g + 3]);
@@ -609,8 +635,8 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
 #undef MS_CX
         const double l = W.lam[g];
         const bool finite = (a0 <= 1.79769313486231570e308) & (a1 == a1) & (a2 == a2) & (a3 == a3);
-        const bool copy = (!finite) | (!(l > 0.0)) | (!(a0 > 0.0));
-        const double sc = copy ? 1.0 : a0;
+        const bool copy0 = (!finite) | (!(l > 0.0)) | (!(a0 > 0.0));
+        const double sc = copy0 ? 1.0 : a0;
         const double inv = 1.0 / sc;
         const double z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
         W.z2[g] = z2;
@@ -618,7 +644,6 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
         W.z4[g] = z4;
         W.lam[g] = ln;
         W.scale[g] = sc;
-        ncopy += copy ? 1 : 0;
         W.rank[0][g] = (i1 == 0.0 ? 1.0 : 0.0) + (i2 == 0.0 ? 2.0 : 0.0) + (i3 == 0.0 ? 3.0 : 0.0);
         W.rank[1][g] = (i1 == 1.0 ? 1.0 : 0.0) + (i2 == 1.0 ? 2.0 : 0.0) + (i3 == 1.0 ? 3.0 : 0.0);
         W.rank[2][g] = (i1 == 2.0 ? 1.0 : 0.0) + (i2 == 2.0 ? 2.0 : 0.0) + (i3 == 2.0 ? 3.0 : 0.0);
@@ -633,12 +658,23 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
         const double rmax2 = z3 * z3 + z4 * z4;
         const double c0 = ln * z2 - z3;
         const double b2 = ln * (1.0 + z2) - 0.7071067811865476;
-        const double r2 = std::min(std::max(b2 / (2.0 * ln), 0.0), std::sqrt(rmax2));
-        const bool s2 = (rmax2 <= z2 * z2) & (ln * r2 * r2 - b2 * r2 + c0 >= 0.0);
+        // the minimum of q(r) = lam r^2 - b r + c0 on [0, rmax], as in stage_sort
+        const double rm = std::sqrt(rmax2);
+        const bool s2 = (rmax2 <= z2 * z2) &
+                        (b2 <= 0.0 ? c0 >= 0.0
+                                   : (b2 >= 2.0 * ln * rm ? ln * rmax2 - b2 * rm + c0 >= 0.0
+                                                          : 4.0 * ln * c0 >= b2 * b2));
         const double b3 = ln * (1.0 + z2) - 1.0;
-        const double r3 = std::min(std::max(b3 / (2.0 * ln), 0.0), z3);
-        const bool s3 = (!(z4 > 0.0)) & (ln * r3 * r3 - b3 * r3 + c0 >= 0.0);
+        const bool s3 = (!(z4 > 0.0)) &
+                        (b3 <= 0.0 ? c0 >= 0.0
+                                   : (b3 >= 2.0 * ln * z3 ? ln * z3 * z3 - b3 * z3 + c0 >= 0.0
+                                                          : 4.0 * ln * c0 >= b3 * b3));
         const bool big = !(ln <= 1.79769313486231570e308);  // lam * scale overflowed: top-2
+        const double zmin = z4 > 0.0 ? z4 : z3;  // identity (see stage_sort_l)
+        const bool copy = copy0 | ((z3 > 0.0) & (3.0 * ln <= 5.551115123125783e-17 * zmin) & (zmin * zmin > 8.0 * ln));
+        ncopy += copy ? 1 : 0;
+        n3 += (copy & !copy0 & !(z4 > 0.0)) ? 1 : 0;
+        n4 += (copy & !copy0 & (z4 > 0.0)) ? 1 : 0;
         // no 3-sparse critical point, hence no dense one (see stage_sort)
         const bool s4 = ln * (1.0 + std::sqrt(1.0 - z2 * z2)) >= 2.0 + 1e-12;
         const bool need = (!copy) & (z3 > 0.0) & (!big) & (!s2) & (!s3) & (!s4);
@@ -651,6 +687,8 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
             x[4 * g + i] = (need | copy | (r <= 1.0)) ? yi : (std::signbit(yi) ? (T)-0.0 : (T)0.0);
         }
     }
+    W.nid3 += n3;
+    W.nid4 += n4;
     return ncopy;
 }
 
@@ -662,6 +700,7 @@ inline int stage_sort_plain(const T* y, T* x, int n, const double* lam, int64_t 
     } else {
         for (int g = 0; g < n; ++g) W.lam[g] = lam[g];
     }
+    W.nid3 = W.nid4 = 0;
     W.ncopy = stage_sort_tail<T>(y, x, 0, n, W);
     int k = 0;
     for (int g = 0; g < n; ++g) {
@@ -734,36 +773,97 @@ static inline void transpose4(vd& a, vd& b, vd& c, vd& d) {
     d = __builtin_shuffle(t1, t3, h2);
 }
 
-template <typename T>
-inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
-    if (lam_stride == 0) {
-        const double l0 = lam[0];
-        for (int g = 0; g < n; ++g) W.lam[g] = l0;
-    } else {
-        for (int g = 0; g < n; ++g) W.lam[g] = lam[g];
+// Stage 1 with L lanes (L groups) per step: 4 (one AVX2 register of doubles) or 8 (one AVX-512
+// register).  The loads and stores below transpose between groups and coordinates.
+template <int L>
+struct VT {
+    typedef double d __attribute__((vector_size(8 * L)));
+    typedef int64_t i __attribute__((vector_size(8 * L)));
+};
+// eight lanes need __builtin_shufflevector (GCC 12, Clang) for the transposes
+#if defined(__AVX512F__) && (defined(__clang__) || __GNUC__ >= 12)
+#define MS_L8 1
+#endif
+
+// c[i] = coordinate i of the groups g .. g + L - 1
+static inline void load_coords(const float* y, vd c[4]) {
+    for (int j = 0; j < 4; ++j) c[j] = vload(y + 4 * j);
+    transpose4(c[0], c[1], c[2], c[3]);
+}
+static inline void load_coords(const double* y, vd c[4]) {
+    for (int j = 0; j < 4; ++j) c[j] = vload(y + 4 * j);
+    transpose4(c[0], c[1], c[2], c[3]);
+}
+static inline void store_coords(float* x, vd c[4]) {
+    transpose4(c[0], c[1], c[2], c[3]);
+    for (int j = 0; j < 4; ++j) vstore(x + 4 * j, c[j]);
+}
+static inline void store_coords(double* x, vd c[4]) {
+    transpose4(c[0], c[1], c[2], c[3]);
+    for (int j = 0; j < 4; ++j) vstore(x + 4 * j, c[j]);
+}
+#ifdef MS_L8
+typedef VT<8>::d vd8;
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+static inline void load_coords(const float* y, vd8 c[4]) {
+    vf16 a, b;
+    std::memcpy(&a, y, sizeof a);
+    std::memcpy(&b, y + 16, sizeof b);
+    c[0] = __builtin_convertvector(__builtin_shufflevector(a, b, 0, 4, 8, 12, 16, 20, 24, 28), vd8);
+    c[1] = __builtin_convertvector(__builtin_shufflevector(a, b, 1, 5, 9, 13, 17, 21, 25, 29), vd8);
+    c[2] = __builtin_convertvector(__builtin_shufflevector(a, b, 2, 6, 10, 14, 18, 22, 26, 30), vd8);
+    c[3] = __builtin_convertvector(__builtin_shufflevector(a, b, 3, 7, 11, 15, 19, 23, 27, 31), vd8);
+}
+static inline void store_coords(float* x, vd8 c[4]) {
+    const vf8 o0 = __builtin_convertvector(c[0], vf8), o1 = __builtin_convertvector(c[1], vf8);
+    const vf8 o2 = __builtin_convertvector(c[2], vf8), o3 = __builtin_convertvector(c[3], vf8);
+    const vf16 p01 = __builtin_shufflevector(o0, o1, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const vf16 p23 = __builtin_shufflevector(o2, o3, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const vf16 a = __builtin_shufflevector(p01, p23, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+    const vf16 b = __builtin_shufflevector(p01, p23, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+    std::memcpy(x, &a, sizeof a);
+    std::memcpy(x + 16, &b, sizeof b);
+}
+static inline void load_coords(const double* y, vd8 c[4]) {
+    vd lo[4], hi[4];
+    load_coords(y, lo);
+    load_coords(y + 16, hi);
+    for (int i = 0; i < 4; ++i) c[i] = __builtin_shufflevector(lo[i], hi[i], 0, 1, 2, 3, 4, 5, 6, 7);
+}
+static inline void store_coords(double* x, vd8 c[4]) {
+    vd lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) {
+        lo[i] = __builtin_shufflevector(c[i], c[i], 0, 1, 2, 3);
+        hi[i] = __builtin_shufflevector(c[i], c[i], 4, 5, 6, 7);
     }
-    const int n4 = n & ~3;
-    const vd zero = {0, 0, 0, 0}, one = {1, 1, 1, 1}, two = {2, 2, 2, 2}, three = {3, 3, 3, 3};
-    const vd dmax = {1.79769313486231570e308, 1.79769313486231570e308, 1.79769313486231570e308,
-                     1.79769313486231570e308};
-    const vd rs2 = {0.7071067811865476, 0.7071067811865476, 0.7071067811865476, 0.7071067811865476};
-    const vi sgn = (vi)(-zero);  // the sign bit
-    vi ncopy = (vi)zero;
-    for (int g = 0; g < n4; g += 4) {
-        vd a0 = vload(y + 4 * g), a1 = vload(y + 4 * g + 4), a2 = vload(y + 4 * g + 8), a3 = vload(y + 4 * g + 12);
-        const vd yg[4] = {a0, a1, a2, a3};  // inputs, one register per group
-        transpose4(a0, a1, a2, a3);
-        const vd ya[4] = {a0, a1, a2, a3};  // inputs, one register per original coordinate
-        a0 = a0 < zero ? -a0 : a0;
-        a1 = a1 < zero ? -a1 : a1;
-        a2 = a2 < zero ? -a2 : a2;
-        a3 = a3 < zero ? -a3 : a3;
-        vd i0 = zero, i1 = one, i2 = two, i3 = three;
+    store_coords(x, lo);
+    store_coords(x + 16, hi);
+}
+#endif
+
+template <typename T, int L>
+inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
+    typedef typename VT<L>::d V;
+    typedef typename VT<L>::i M;
+    const int nl = n - n % L;
+    const V zero = V{}, one = zero + 1.0, two = zero + 2.0, three = zero + 3.0, four = zero + 4.0;
+    const V dmax = zero + 1.79769313486231570e308, rs2 = zero + 0.7071067811865476;
+    const M sgn = (M)(-zero);  // the sign bit
+    M ncopy = (M)zero, nid3 = (M)zero, nid4 = (M)zero;
+    const V lam0 = zero + lam[0];
+    int k = 0;
+    for (int g = 0; g < nl; g += L) {
+        V ya[4];  // inputs, one register per original coordinate
+        load_coords(y + 4 * g, ya);
+        V a0 = ya[0] < zero ? -ya[0] : ya[0], a1 = ya[1] < zero ? -ya[1] : ya[1];
+        V a2 = ya[2] < zero ? -ya[2] : ya[2], a3 = ya[3] < zero ? -ya[3] : ya[3];
+        V i0 = zero, i1 = one, i2 = two, i3 = three;
 #define MS_VCX(x, ix, u, iu)                                  \
     {                                                         \
-        const vi sw = (u > x) | ((u == x) & (iu < ix));       \
-        const vd tx = sw ? u : x, tu = sw ? x : u;            \
-        const vd jx = sw ? iu : ix, ju = sw ? ix : iu;        \
+        const M sw = (u > x) | ((u == x) & (iu < ix));        \
+        const V tx = sw ? u : x, tu = sw ? x : u;             \
+        const V jx = sw ? iu : ix, ju = sw ? ix : iu;         \
         x = tx;                                               \
         u = tu;                                               \
         ix = jx;                                              \
@@ -775,67 +875,99 @@ inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_st
         MS_VCX(a1, i1, a3, i3)
         MS_VCX(a1, i1, a2, i2)
 #undef MS_VCX
-        const vd l = vload(W.lam + g);
-        const vi finite = (a0 <= dmax) & (a1 == a1) & (a2 == a2) & (a3 == a3);
-        const vi copy = ~finite | ~(l > zero) | ~(a0 > zero);
-        const vd sc = copy ? one : a0;
-        const vd inv = one / sc;
-        const vd z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
-        vstore(W.z2 + g, z2);
-        vstore(W.z3 + g, z3);
-        vstore(W.z4 + g, z4);
-        vstore(W.lam + g, ln);
-        vstore(W.scale + g, sc);
-        ncopy -= copy;  // lanes are 0 or -1
-        const vd rk[4] = {(i1 == zero ? one : zero) + (i2 == zero ? two : zero) + (i3 == zero ? three : zero),
-                          (i1 == one ? one : zero) + (i2 == one ? two : zero) + (i3 == one ? three : zero),
-                          (i1 == two ? one : zero) + (i2 == two ? two : zero) + (i3 == two ? three : zero),
-                          (i1 == three ? one : zero) + (i2 == three ? two : zero) + (i3 == three ? three : zero)};
-        vstore(W.w[0] + g, one);
-        vstore(W.w[1] + g, z2);
-        vstore(W.w[2] + g, zero);
-        vstore(W.w[3] + g, zero);
-        vstore(W.best + g, 0.5 * (z3 * z3 + z4 * z4));
-        const vd rmax2 = z3 * z3 + z4 * z4;
-        const vd c0 = ln * z2 - z3;
-        const vd b2 = ln * (one + z2) - rs2;
-        const vd i2l = (0.5 * one) / ln;
-        vd r2 = b2 * i2l;
-        r2 = r2 > zero ? r2 : zero;
-        const vd rm = vsqrt(rmax2);
-        r2 = r2 < rm ? r2 : rm;
-        const vi s2 = (rmax2 <= z2 * z2) & (ln * r2 * r2 - b2 * r2 + c0 >= zero);
-        const vd b3 = ln * (one + z2) - one;
-        vd r3 = b3 * i2l;
-        r3 = r3 > zero ? r3 : zero;
-        r3 = r3 < z3 ? r3 : z3;
-        const vi s3 = ~(z4 > zero) & (ln * r3 * r3 - b3 * r3 + c0 >= zero);
-        const vi big = ~(ln <= dmax);
+        V l = lam0;
+        if (lam_stride != 0) std::memcpy(&l, lam + g, sizeof l);
+        const M finite = (a0 <= dmax) & (a1 == a1) & (a2 == a2) & (a3 == a3);
+        const M copy0 = ~finite | ~(l > zero) | ~(a0 > zero);
+        const V sc = copy0 ? one : a0;
+        const V inv = one / sc;
+        const V z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
+        std::memcpy(W.z2 + g, &z2, sizeof z2);
+        std::memcpy(W.z3 + g, &z3, sizeof z3);
+        std::memcpy(W.z4 + g, &z4, sizeof z4);
+        std::memcpy(W.lam + g, &ln, sizeof ln);
+        std::memcpy(W.scale + g, &sc, sizeof sc);
+        const V rk[4] = {(i1 == zero ? one : zero) + (i2 == zero ? two : zero) + (i3 == zero ? three : zero),
+                         (i1 == one ? one : zero) + (i2 == one ? two : zero) + (i3 == one ? three : zero),
+                         (i1 == two ? one : zero) + (i2 == two ? two : zero) + (i3 == two ? three : zero),
+                         (i1 == three ? one : zero) + (i2 == three ? two : zero) + (i3 == three ? three : zero)};
+        // (the chosen point and its objective are first written by stage 2, for the listed groups)
+        const V rmax2 = z3 * z3 + z4 * z4;
+        const V c0 = ln * z2 - z3;
+        const V b2 = ln * (one + z2) - rs2;
+        // q(r) = lam r^2 - b r + c0 >= 0 on [0, rmax], from its minimum: q(0) when b <= 0, q(rmax)
+        // when b >= 2 lam rmax, else c0 - b^2 / (4 lam) (no division)
+        V rm, rz;
+        const V q2 = one - z2 * z2;
+        for (int j = 0; j < L; ++j) {
+            rm[j] = std::sqrt(rmax2[j]);
+            rz[j] = std::sqrt(q2[j]);
+        }
+        const M s2 = (rmax2 <= z2 * z2) &
+                     (b2 <= zero ? c0 >= zero
+                                 : (b2 >= two * ln * rm ? ln * rmax2 - b2 * rm + c0 >= zero
+                                                        : four * ln * c0 >= b2 * b2));
+        const V b3 = ln * (one + z2) - one;
+        const M s3 = ~(z4 > zero) &
+                     (b3 <= zero ? c0 >= zero
+                                 : (b3 >= two * ln * z3 ? ln * z3 * z3 - b3 * z3 + c0 >= zero
+                                                        : four * ln * c0 >= b3 * b3));
+        const M big = ~(ln <= dmax);
+        // identity: with 3 lam <= 2^-54 zmin (zmin the smallest non-zero) and zmin^2 > 8 lam, every
+        // point without all non-zeros costs 0.5 zmin^2 > 4 lam >= lam Reg(z), so the optimum keeps
+        // them and lies within 3 lam of z, below half an ulp: the output is the input (this also
+        // keeps a lam that underflows, lam^2 = 0 or 1/lam = inf, out of the later stages)
+        const V zmin = z4 > zero ? z4 : z3;
+        const M ident = (z3 > zero) & (3.0 * ln <= 5.551115123125783e-17 * zmin) & (zmin * zmin > 8.0 * ln);
+        const M copy = copy0 | ident;
         // no 3-sparse critical point (hence no dense one): G' <= 0 at G's inflection point, where
         // G' = 1 - lam^2 m^2 (1 + k)^4 / 4 is largest (m = (1 + z2) / 2, k^2 = (1 - z2) / (1 + z2)),
         // i.e. lam (1 + sqrt(1 - z2^2)) >= 2 (with a margin for rounding)
-        const vi s4 = ln * (one + vsqrt(one - z2 * z2)) >= (2.0 + 1e-12) * one;
-        const vi need = ~copy & (z3 > zero) & ~big & ~s2 & ~s3 & ~s4;
-        vstore(W.need + g, need ? one : zero);
+        const M s4 = ln * (one + rz) >= (2.0 + 1e-12) * one;
+        const M need = ~copy & (z3 > zero) & ~big & ~s2 & ~s3 & ~s4;
+        ncopy -= copy;  // lanes are 0 or -1
+        nid3 -= ident & ~copy0 & ~(z4 > zero);
+        nid4 -= ident & ~copy0 & (z4 > zero);
+        for (int j = 0; j < L; ++j) {  // the list of the groups for the later stages, branch free
+            W.list[k] = g + j;
+            k += need[j] != 0;
+        }
         // the output of a settled group: its input when copied, else its top two (the others zero
         // with the input's sign).  A group that needs the later stages keeps its input for now
         // (x may be y), and the last stage writes its output.
-        vd o[4];
+        V o[4];
         for (int i = 0; i < 4; ++i) {
-            vstore(W.rank[i] + g, rk[i]);
-            o[i] = (copy | (rk[i] <= one)) ? ya[i] : (vd)((vi)ya[i] & sgn);
+            std::memcpy(W.rank[i] + g, &rk[i], sizeof rk[i]);
+            o[i] = (need | copy | (rk[i] <= one)) ? ya[i] : (V)((M)ya[i] & sgn);
         }
-        transpose4(o[0], o[1], o[2], o[3]);
-        for (int j = 0; j < 4; ++j) vstore(x + 4 * (g + j), need[j] ? yg[j] : o[j]);
+        store_coords(x + 4 * g, o);
     }
-    W.ncopy = (int)(ncopy[0] + ncopy[1] + ncopy[2] + ncopy[3]);
-    if (n4 < n) W.ncopy += stage_sort_tail<T>(y, x, n4, n, W);  // tail: the plain loop
-    int k = 0;
-    for (int g = 0; g < n; ++g) {
-        W.list[k] = g;
-        k += W.need[g] != 0.0;
+    int nc = 0;
+    W.nid3 = W.nid4 = 0;
+    for (int j = 0; j < L; ++j) {
+        nc += (int)ncopy[j];
+        W.nid3 += (int)nid3[j];
+        W.nid4 += (int)nid4[j];
+    }
+    W.ncopy = nc;
+    if (nl < n) {  // tail: the plain loop
+        for (int g = nl; g < n; ++g) W.lam[g] = lam[lam_stride == 0 ? 0 : g];
+        W.ncopy += stage_sort_tail<T>(y, x, nl, n, W);
+        for (int g = nl; g < n; ++g) {
+            W.list[k] = g;
+            k += W.need[g] != 0.0;
+        }
     }
     return k;
+}
+
+template <typename T>
+inline int stage_sort(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
+#ifdef MS_L8
+    return stage_sort_l<T, 8>(y, x, n, lam, lam_stride, W);
+#else
+    return stage_sort_l<T, 4>(y, x, n, lam, lam_stride, W);
+#endif
 }
 
 // Last stage, four listed groups at a time (the rest: the plain loop).
@@ -1083,7 +1215,7 @@ inline void stage_dense(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
 }
 
 #if defined(__GNUC__) && !defined(MINISPARSE_NO_VECTOR_EXT)
-// The same two stages with explicit vectors of VB lanes (two AVX2 registers each).
+// The same two stages with explicit vectors of VB lanes (one AVX2 or AVX-512 register each).
 typedef double vb_d __attribute__((vector_size(8 * VB)));
 typedef int64_t vb_i __attribute__((vector_size(8 * VB)));
 
@@ -1113,33 +1245,63 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
             lam[u][l] = W.lam[g];
         }
     const vb_d zero = vb_splat(0.0), one = vb_splat(1.0), half = vb_splat(0.5), two = vb_splat(2.0);
-    const vb_d tol = vb_splat(cfg.tol), tiny = vb_splat(1e-300);
-    vb_d m[U], d[U], l2[U], se[U], s[U], r1[U], r2[U], G[U], Gp[U], pd[U];
+    const vb_d tol = vb_splat(cfg.tol);
+    // Newton on G in polynomial form (one division per step): with A = 1 + s and B = 1 - s (B = 1
+    // where d = 0, as G then has no d-term), N = G A^2 B^2 and P = G' A^3 B^3 are polynomials with
+    // the signs of G and G' (A, B > 0 on the domain s <= se <= z2), and G / G' = N A B / P.
+    vb_d m[U], d[U], l2[U], lz3[U], m2[U], d2[U], se[U], s[U], N[U], P[U], pd[U];
     vb_i dpos[U], ok[U], right[U], act[U];
+#define MS_NP(sv, Nv, Pv, Av, Bv)                                                    \
+    {                                                                                \
+        Av = one + (sv);                                                             \
+        Bv = dpos[u] ? one - (sv) : one;                                             \
+        const vb_d A2 = Av * Av, B2 = Bv * Bv, AB = Av * Bv;                         \
+        Nv = ((sv) - lz3[u]) * AB * AB + l2[u] * (m2[u] * B2 - d2[u] * A2);          \
+        Pv = AB * AB * AB - two * l2[u] * (m2[u] * B2 * Bv + d2[u] * A2 * Av);        \
+    }
     for (int u = 0; u < U; ++u) {
         m[u] = half * (one + z2[u]);
         d[u] = half * (one - z2[u]);
+        m2[u] = m[u] * m[u];
+        d2[u] = d[u] * d[u];
         l2[u] = lam[u] * lam[u];
+        lz3[u] = lam[u] * z3[u];
         dpos[u] = d[u] > zero;
-        se[u] = lam[u] * z3[u];
-        se[u] = se[u] < z2[u] ? se[u] : z2[u];
-        vb_d q = d[u] / m[u];
+        se[u] = lz3[u] < z2[u] ? lz3[u] : z2[u];
+        // G's inflection point (1 - k) / (1 + k), k = sqrt(d / m), is z2 / (1 + sqrt(1 - z2^2))
+        vb_d q = one - z2[u] * z2[u];
         for (int l = 0; l < VB; ++l) q[l] = std::sqrt(q[l]);
-        vb_d s0 = (one - q) / (one + q);
+        vb_d s0 = z2[u] / (one + q);
         s0 = s0 > zero ? s0 : zero;
         s0 = s0 < se[u] ? s0 : se[u];
         s[u] = s0;
-        vb_d om = one - s0;
-        om = om > tiny ? om : tiny;
-        const vb_d inv = one / ((one + s0) * om);  // one division for 1/(1+s) and 1/(1-s)
-        r1[u] = om * inv;
-        r2[u] = dpos[u] ? (one + s0) * inv : zero;
-        const vb_d a = m[u] * r1[u], b = d[u] * r2[u];
-        G[u] = s0 - lam[u] * z3[u] + l2[u] * (a * a - b * b);
-        Gp[u] = one - two * l2[u] * (a * a * r1[u] + b * b * r2[u]);
-        ok[u] = Gp[u] > zero;
-        right[u] = G[u] < zero;
-        act[u] = ok[u] & (G[u] != zero);
+        vb_d A, B;
+        MS_NP(s0, N[u], P[u], A, B)
+        ok[u] = P[u] > zero;
+        // A closer start from the right in the convex part: the critical point is a fixed point of
+        // the antitone map T_i(u) = z_i - lam u_j u_k on [0, z], so T of lower bounds gives upper
+        // bounds and vice versa; from u <= z, two rounds give an upper bound sg = lam U3 >= s.  If
+        // G(sg) > 0 < G'(sg) and sg < s0 (so sg lies in the convex part), Newton from sg decreases
+        // monotonically to the crossing as from s0, or proves there is none.
+        {
+            const vb_d lz = lam[u];
+            vb_d L1 = one - lz * z2[u] * z3[u], L2 = z2[u] - lz * z3[u], L3 = z3[u] - lz * z2[u];
+            L2 = L2 > zero ? L2 : zero;
+            L3 = L3 > zero ? L3 : zero;
+            const vb_d U1 = one - lz * L2 * L3, U2 = z2[u] - lz * L1 * L3, U3 = z3[u] - lz * L1 * L2;
+            vb_d M1 = one - lz * U2 * U3, M2 = z2[u] - lz * U1 * U3;
+            M1 = M1 > zero ? M1 : zero;
+            M2 = M2 > zero ? M2 : zero;
+            const vb_d sg = lz * (z3[u] - lz * M1 * M2);
+            vb_d Ng, Pg;
+            MS_NP(sg, Ng, Pg, A, B)
+            const vb_i use = (sg < s0) & (sg > zero) & (Ng > zero) & (Pg > zero);
+            s[u] = use ? sg : s0;
+            N[u] = use ? Ng : N[u];
+            P[u] = use ? Pg : P[u];
+        }
+        right[u] = N[u] < zero;
+        act[u] = ok[u] & (N[u] != zero);
         pd[u] = zero;  // previous |step| (none yet)
     }
     for (int it = 0; it < cfg.maxit; ++it) {
@@ -1147,7 +1309,8 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
         for (int u = 0; u < U; ++u) any |= vb_any(act[u]);
         if (!any) break;
         for (int u = 0; u < U; ++u) {
-            const vb_d ns = s[u] - G[u] / Gp[u];
+            const vb_d A = one + s[u], B = dpos[u] ? one - s[u] : one;
+            const vb_d ns = s[u] - N[u] * (A * B) / P[u];
             const vb_i leave = right[u] ? ~(ns <= se[u]) : ~(ns >= zero);
             const vb_i noprog = right[u] ? ~(ns > s[u]) : ~(ns < s[u]);
             const vb_d dd = ns - s[u];
@@ -1159,21 +1322,14 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
             const vb_i upd = act[u] & ~leave & ~noprog;
             pd[u] = upd ? ad : pd[u];
             const vb_d sn = upd ? ns : s[u];
-            vb_d om = one - sn;
-            om = om > tiny ? om : tiny;
-            const vb_d inv = one / ((one + sn) * om);
-            const vb_d q1 = om * inv, q2 = dpos[u] ? (one + sn) * inv : zero;
-            const vb_d a = m[u] * q1, b = d[u] * q2;
-            const vb_d Gn = sn - lam[u] * z3[u] + l2[u] * (a * a - b * b);
-            const vb_d Gpn = one - two * l2[u] * (a * a * q1 + b * b * q2);
-            const vb_i bad = upd & ~(Gpn > zero);
+            vb_d Nn, Pn, An, Bn;
+            MS_NP(sn, Nn, Pn, An, Bn)
+            const vb_i bad = upd & ~(Pn > zero);
             ok[u] = ((act[u] & leave) | bad) ? (ok[u] & 0) : ok[u];
             s[u] = sn;
-            r1[u] = upd ? q1 : r1[u];
-            r2[u] = upd ? q2 : r2[u];
-            G[u] = upd ? Gn : G[u];
-            Gp[u] = upd ? Gpn : Gp[u];
-            act[u] = upd & ~bad & ~done & (Gn != zero);
+            N[u] = upd ? Nn : N[u];
+            P[u] = upd ? Pn : P[u];
+            act[u] = upd & ~bad & ~done & (Nn != zero);
         }
         if (it + 1 == cfg.maxit) {
             bool left = false;
@@ -1181,36 +1337,50 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
             if (left) st.capped++;
         }
     }
+#undef MS_NP
     for (int u = 0; u < U; ++u) {
-        const vb_d u1 = m[u] * r1[u] + d[u] * r2[u], u2 = m[u] * r1[u] - d[u] * r2[u], u3 = s[u] / lam[u];
+        const vb_d A = one + s[u], B = dpos[u] ? one - s[u] : one;
+        const vb_d inv = one / (A * B);
+        const vb_d r1 = B * inv, r2 = dpos[u] ? A * inv : zero;
+        const vb_d Gp = P[u] * inv * inv * inv;
+        const vb_d a = m[u] * r1, b = d[u] * r2;
+        const vb_d u1 = a + b, u2 = a - b, u3 = s[u] / lam[u];
         const vb_i good = ok[u] & (u2 > zero) & (u3 > zero);
         const vb_d e1 = u1 - one, e2 = u2 - z2[u], e3 = u3 - z3[u];
         const vb_d v3 = half * (e1 * e1 + e2 * e2 + e3 * e3 + z4[u] * z4[u]) + lam[u] * u1 * u2 * u3;
-        // R(0) and R'(0) (make_pt at t = 0: c = 0, dc/dt = 1)
+        // R(0) and R'(0) (make_pt at t = 0: c = 0, dc/dt = 1).  With ds/dc = -dG/dc / G', R' is
+        // c0 + c1 ds/dc = Q / G' for Q = c0 G' - c1 dG/dc, so one division serves 1/G' and 1/Q.
+        const vb_d S1 = u2 + u3, S2 = u1 + u3, S3 = u1 + u2;
         const vb_d E = u1 * u2 + u1 * u3 + u2 * u3;
         const vb_d R = lam[u] * E - z4[u];
-        const vb_d dGdc = two * l2[u] * m[u] * r1[u] * r1[u] - lam[u];
-        const vb_d dsdc = -dGdc / Gp[u];
-        const vb_d du1 = r1[u] + (d[u] * r2[u] * r2[u] - m[u] * r1[u] * r1[u]) * dsdc - one;
-        const vb_d du2 = r1[u] - (m[u] * r1[u] * r1[u] + d[u] * r2[u] * r2[u]) * dsdc - one;
-        const vb_d du3 = dsdc / lam[u] - one;
-        const vb_d Rp = one + lam[u] * (du1 * (u2 + u3) + du2 * (u1 + u3) + du3 * (u1 + u2));
-        vb_d t1 = Rp > zero ? -R / Rp : half * z4[u];
+        const vb_d mr = m[u] * r1 * r1, dr = d[u] * r2 * r2;
+        const vb_d dGdc = two * l2[u] * mr - lam[u];
+        const vb_d c0 = one + lam[u] * ((r1 - one) * (S1 + S2) - S3);
+        const vb_d c1 = lam[u] * ((dr - mr) * S1 - (mr + dr) * S2) + S3;
+        const vb_d Q = c0 * Gp - c1 * dGdc;
+        const vb_i qpos = Q > zero;
+        const vb_d Qs = qpos ? Q : one;
+        const vb_d X = one / (Gp * Qs);
+        const vb_d iGp = Qs * X;
+        vb_d t1 = qpos ? -R * Gp * X : half * z4[u];
         t1 = t1 < z4[u] ? t1 : z4[u];
-        vb_d s1 = s[u] + dsdc * t1;
+        vb_d s1 = s[u] - dGdc * iGp * t1;
         s1 = (s1 > zero) & (s1 < one) ? s1 : s[u];
         const vb_i dense = good & (z4[u] > zero);
         const vb_i i0 = z4[u] != z4[u], i1 = i0 + 1, i2 = i0 + 2;  // integer vectors 0, 1, 2
-        const vb_i c = dense ? (R < zero ? i1 : (Rp >= zero ? i0 : i2)) : i0;
+        const vb_i c = dense ? (R < zero ? i1 : (qpos | (Q == zero) ? i0 : i2)) : i0;
+        // the group's chosen point is still stage 1's 2-sparse one, (1, z2, 0, 0) with objective
+        // (z3^2 + z4^2) / 2, so the update needs no loads and no branches
+        const vb_d b0 = half * (z3[u] * z3[u] + z4[u] * z4[u]);
+        const vb_i take = good & (v3 < b0);
+        const vb_d nb = take ? v3 : b0, n0 = take ? u1 : one, n1 = take ? u2 : z2[u], n2 = take ? u3 : zero;
         for (int l = 0; l < VB; ++l) {
             const int g = idx[u * VB + l];
-            if (good[l] && v3[l] < W.best[g]) {
-                W.best[g] = v3[l];
-                W.w[0][g] = u1[l];
-                W.w[1][g] = u2[l];
-                W.w[2][g] = u3[l];
-                W.w[3][g] = 0.0;
-            }
+            W.best[g] = nb[l];
+            W.w[0][g] = n0[l];
+            W.w[1][g] = n1[l];
+            W.w[2][g] = n2[l];
+            W.w[3][g] = 0.0;
             W.ts[g] = s1[l];
             W.tt[g] = t1[l];
             W.s3[g] = s[u][l];
@@ -1284,7 +1454,8 @@ inline void stage_dense_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st
             const vb_i bad = step & (~((sn > zero) & (sn < one) & (tn > zero)) | ~(det != zero));
             const vb_d ads = ds < zero ? -ds : ds, adt = dt < zero ? -dt : dt;
             // converged as in stage_sp3_v, on the larger relative step of the two
-            const vb_d rs = ads / sn, rt = adt / tn, rr = rs > rt ? rs : rt;
+            const vb_d ist = one / (sn * tn);  // one division for 1/sn and 1/tn
+            const vb_d rs = ads * tn * ist, rt = adt * sn * ist, rr = rs > rt ? rs : rt;
             const vb_i conv = ((ads <= tol * sn) & (adt <= tol * tn)) |
                               ((rr * rr * rr <= tol * pr[u] * pr[u]) & (rr <= vb_splat(1e-3) * pr[u]));
             ok[u] = bad ? (ok[u] & 0) : ok[u];
@@ -1369,22 +1540,30 @@ inline void dense_slow(const double* z, double lam, double s, const Cfg& cfg, St
 template <typename T>
 void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const Cfg& cfg, Stats& st, Work& W) {
     const int k = stage_sort<T>(y, x, n, lam, lam_stride, W);
+    st.n3 += W.nid3;
+    st.n4 += W.nid4;
     int k2 = 0, k3 = 0, k4 = 0;
     lane_t cls[BS];
     int32_t idx[BS];
     for (int j = 0; j < k; j += BS) {
         for (int l = 0; l < BS; ++l) idx[l] = W.list[std::min(j + l, k - 1)];
         MS_STAGE_SP3(idx, W, cfg, st, cls);
-        for (int l = 0; l < BS && j + l < k; ++l) {
-            if (cls[l] == 1) W.list2[k2++] = idx[l];
-            else if (cls[l] == 2) W.list3[k3++] = idx[l];
+        const int lim = std::min(BS, k - j);
+        for (int l = 0; l < lim; ++l) {  // branch free (the classes are unpredictable)
+            W.list2[k2] = idx[l];
+            k2 += cls[l] == 1;
+            W.list3[k3] = idx[l];
+            k3 += cls[l] == 2;
         }
     }
     for (int j = 0; j < k2; j += BS) {
         for (int l = 0; l < BS; ++l) idx[l] = W.list2[std::min(j + l, k2 - 1)];
         MS_STAGE_DENSE(idx, W, cfg, st, cls);
-        for (int l = 0; l < BS && j + l < k2; ++l)
-            if (cls[l]) W.list4[k4++] = idx[l];
+        const int lim = std::min(BS, k2 - j);
+        for (int l = 0; l < lim; ++l) {
+            W.list4[k4] = idx[l];
+            k4 += cls[l] != 0;
+        }
     }
     for (int j = 0; j < k3; ++j) {
         const int g = W.list3[j];

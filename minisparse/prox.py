@@ -80,15 +80,22 @@ point is the unique upward crossing of :math:`R`, and :math:`R'(t)` is the Schur
   :math:`e_2`), so :math:`w_j - w_i \le z_j - z_i` for :math:`i < j`.  If they do not, a certified walk
   along :math:`t`, using :math:`e_2(w(t))` non-increasing (so
   :math:`R \ge t_a - z_4 + \lambda e_2(w(t_b))` on :math:`[t_a, t_b]`) and :math:`R' \le 1`, either
-  brackets the crossing or proves that no point of the path beats the best candidate; where the
-  inner solution ends (a fold) the same interval bounds, with :math:`w \ge t_a`, can end the walk.
+  brackets the crossing or proves that no point of the path beats the best candidate (with both ends
+  of a step evaluated, these two bounds on :math:`R` integrate to two convex quadratic lower bounds on
+  :math:`D` whose maximum is minimised in closed form); where the inner solution ends (a fold) the
+  same interval bounds, with :math:`w \ge t_a`, can end the walk.
 - no interior 3-sparse point: then there is no dense one either.
 
 Cheap certificates skip most of this: a quadratic lower bound proves that the 2-sparse point is
 optimal for most groups that end up 2-sparse, and many others have no 3-sparse point at all, which
 needs no iteration: :math:`G'` is largest at :math:`s^*`, where it equals
 :math:`1 - \lambda^2 m^2 (1+\kappa)^4 / 4`, and :math:`m(1+\kappa)^2 = 1 + \sqrt{1 - z_2^2}` (with
-:math:`z_1 = 1`), so :math:`\lambda (1 + \sqrt{1 - z_2^2}) \ge 2` rules out an upward crossing.  The Newton iterations stop per group when the relative
+:math:`z_1 = 1`), so :math:`\lambda (1 + \sqrt{1 - z_2^2}) \ge 2` rules out an upward crossing.  At the other end, when
+:math:`3\lambda \le 2^{-54} z_{\min}` and :math:`z_{\min}^2 > 8\lambda` (:math:`z_{\min}` the smallest
+non-zero), every point that drops a non-zero costs more than :math:`\tfrac12 z_{\min}^2 > 4\lambda \ge`
+the objective of :math:`z`, so the optimum keeps all non-zeros and lies within :math:`3\lambda` of
+:math:`z`, below half an ulp: the input is returned (this also covers a :math:`\lambda` so small that
+:math:`\lambda^2` underflows).  The Newton iterations stop per group when the relative
 step is below ``tol``; since they converge quadratically the result is then accurate to rounding.
 The kernel works in float64 on groups normalised by their largest magnitude (the problem is scale
 invariant: :math:`(z, \lambda) \sim (cz, \lambda/c)`).  Two facts used above are checked empirically
@@ -108,10 +115,17 @@ needed, so it builds in a second or two.  If no compiler works, :func:`prox_24` 
 :func:`prox_24_torch`.  ``MINISPARSE_NO_KERNEL=1`` disables the kernel.
 
 The kernel processes chunks of 256 groups per thread (its work arrays stay in cache) in stages that
-operate on full SIMD blocks (two AVX2 vectors of four groups): sort and certificates for every group,
-writing the output of the groups they settle; the 3-sparse Newton iteration for the groups that need
-it; the dense Newton iteration for those with :math:`R(0)<0`; the scalar certified path for the few
-left; then order, signs and scale are restored for the groups past the first stage.
+operate on full SIMD blocks (two vectors of four groups with AVX2, of eight with AVX-512): sort and
+certificates for every group, writing the output of the groups they settle; the 3-sparse Newton
+iteration for the groups that need it; the dense Newton iteration for those with :math:`R(0)<0`; the
+scalar certified path for the few left; then order, signs and scale are restored for the groups past
+the first stage.  The vector 3-sparse stage runs Newton's method on the polynomials
+:math:`N = G\,A^2B^2` and :math:`P = G'A^3B^3` (:math:`A = 1+s`, :math:`B = 1-s`, both positive on the
+domain), which have the signs of :math:`G` and :math:`G'`, so a step :math:`G/G' = NAB/P` costs one
+division; it starts at the inflection point :math:`z_2/(1+\sqrt{1-z_2^2})`, or closer to the root at
+an upper bound of :math:`s` from two rounds of the antitone fixed-point map
+:math:`u_i \mapsto z_i - \lambda u_j u_k` when :math:`G > 0 < G'` there (then it lies in the convex part,
+right of the root, and the iteration keeps its monotone convergence).
 """
 from __future__ import annotations
 
@@ -785,6 +799,9 @@ def _dense_slow(z, lam, best_v, best_w, tb, tol, max_iter, n_grid=16, depth=48):
         A, B = ({k: torch.cat([A[k], Mid[k]]) for k in A}, {k: torch.cat([Mid[k], B[k]]) for k in B})
 
 
+_IDENT_REL = 2.0 ** -54  # below half an ulp of a double, relative
+
+
 def _prox_groups_torch(y: torch.Tensor, lam: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
     """y: (G, 4) float64, lam: (G,) float64 (same device).  Returns x (G, 4) float64."""
     G = y.shape[0]
@@ -810,6 +827,10 @@ def _prox_groups_torch(y: torch.Tensor, lam: torch.Tensor, tol: float, max_iter:
     b3 = ln * (1 + z2) - 1.0
     r3 = torch.minimum((b3 / (2 * lns)).clamp_min(0.0), z3)
     s3 = ~(z4 > 0) & (ln * r3 * r3 - b3 * r3 + c0 >= 0)
+    # identity: lam too small to change any non-zero coordinate (see the kernel's stage 1)
+    zmin = torch.where(z4 > 0, z4, z3)
+    ident = (z3 > 0) & (3.0 * ln <= _IDENT_REL * zmin) & (zmin * zmin > 8.0 * ln)
+    copy = copy | ident
     need = ~copy & (z3 > 0) & torch.isfinite(ln) & ~s2 & ~s3
     sub = need.nonzero().squeeze(1)
     if sub.numel():

@@ -284,6 +284,29 @@ def test_special_values():
     assert P.prox_24(torch.zeros(0, 8), 1.0).shape == (0, 8)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_tiny_lambda_is_exactly_the_identity_and_nothing_more(backend):
+    # lam * scale underflows (a subnormal): found by the property test below; both paths used to
+    # return a point far from the optimum (an objective of 5e-61 where the input itself costs ~0)
+    w = torch.tensor([[2e-30, 1e-30, 0, -2e-30, -1e-30, -3e-30, -3e-30, -3e-30]])
+    for dt in (torch.float32, torch.float64):
+        W = w.to(dt)
+        for lam in (5e-324 / 3e-30, 1e-300, 1e-200):
+            st = {}
+            x = P.prox_24(W, lam, backend=backend, stats=st)
+            assert torch.equal(x, W), (dt, lam, x)
+            if backend == "auto" and P.kernel_available():
+                assert (st["n2"], st["n3"], st["n4"]) == (0, 1, 1)
+    # where lam is small but does matter (a coordinate far below lam relative to the largest), the
+    # certificate must not fire: the tiny coordinate is pruned (w4 = z4 - 3 lam < 0), the others keep
+    # their value to rounding
+    y = torch.tensor([[1.0, 1.0, 1.0, 1e-25]], dtype=torch.float64)
+    x = P.prox_24(y, 1e-20, backend=backend)
+    assert x[0, 3] == 0 and torch.equal(x[0, :3], y[0, :3])
+    v = P.objective_24(x, y, 1e-20).item()
+    assert v <= P.objective_24(y, y, 1e-20).item() and v <= 0.5e-50 + 1e-20 * 1.0 + 1e-30
+
+
 def test_half_precision_inputs():
     g = torch.Generator().manual_seed(7)
     W = torch.randn(8, 32, generator=g)
