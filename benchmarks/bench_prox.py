@@ -25,7 +25,9 @@ SmolLM2-135M MLP projection) the script picks the lambdas at which 20% and 90% o
   and how many groups each one wins by more than 1e-9 relative;
 - the fraction of 2-, 3- and 4-non-zero groups of both outputs;
 
-Before the timed runs at each lambda the prox runs for ``--warmup`` seconds (default 1): on the small
+The timed runs (best of ``--repeats``, default 100) are split into ``--rounds`` (default 4) that
+alternate between the lambdas, each after ``--warmup / --rounds`` seconds of untimed calls (default 1 s
+in all): on the small
 VMs this project runs on, the first few hundred milliseconds of a process run measurably slower (by up
 to 15% in our runs), and the prox is meant for the steady state of a training loop, where it runs
 after every optimizer step.  The CPU model and its vector extensions are recorded, since the kernel
@@ -118,14 +120,16 @@ def lam_for_fraction(W: torch.Tensor, target: float) -> float:
 
 
 def best_time(fn, repeats: int) -> tuple[float, float]:
-    """Best wall-clock time and best CPU time (all threads of the process) over ``repeats`` calls."""
-    best, best_cpu = float("inf"), float("inf")
+    """Best wall-clock time over ``repeats`` calls, and the mean CPU time per call (all threads of the
+    process, over the whole loop: the CPU time of the other threads is accounted with a lag, so a
+    per-call minimum would undercount it; it includes an OpenMP worker spin-waiting between calls)."""
+    best = float("inf")
+    c_start = time.process_time()
     for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
+        t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return best, best_cpu
+    return best, (time.process_time() - c_start) / repeats
 
 
 def main(argv=None) -> dict:
@@ -142,6 +146,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds of untimed calls of the prox before the timed ones, at each lambda")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="rounds that alternate between the lambdas (the repeats and the warm-up are split)")
     ap.add_argument("--out", default=str(ROOT / "results" / "prox_bench.json"))
     args = ap.parse_args(argv)
 
@@ -170,11 +176,20 @@ def main(argv=None) -> dict:
               f"{'speed-up':>9} | {'max(ours-ref)':>14} {'max rel':>10} {'ours better':>11} {'ref better':>10}")
     print(header)
     print("-" * len(header))
-    for target in args.targets:
-        lam = lam_for_fraction(W, target)
-        warm_calls = warm_up(lambda: P.prox_24(W, lam, out=out), args.warmup)
-        t_ours, c_ours = best_time(lambda: P.prox_24(W, lam), args.repeats)
-        t_ours_out, c_ours_out = best_time(lambda: P.prox_24(W, lam, out=out), args.repeats)
+    lams = [lam_for_fraction(W, target) for target in args.targets]
+    # timed in rounds that alternate between the lambdas (best over all rounds), so that a slow
+    # spell of a shared machine does not fall on one lambda only
+    timing = {lam: [float("inf")] * 4 for lam in lams}
+    warm_calls = {lam: 0 for lam in lams}
+    per_round = max(1, args.repeats // args.rounds)
+    for _ in range(args.rounds):
+        for lam in lams:
+            warm_calls[lam] += warm_up(lambda: P.prox_24(W, lam, out=out), args.warmup / args.rounds)
+            t1, c1 = best_time(lambda: P.prox_24(W, lam), per_round)
+            t2, c2 = best_time(lambda: P.prox_24(W, lam, out=out), per_round)
+            timing[lam] = [min(a, b) for a, b in zip(timing[lam], (t1, c1, t2, c2))]
+    for target, lam in zip(args.targets, lams):
+        t_ours, c_ours, t_ours_out, c_ours_out = timing[lam]
         kstats: dict = {}
         x_ours = P.prox_24(W, lam, stats=kstats)
         x_ref = None
@@ -210,7 +225,7 @@ def main(argv=None) -> dict:
             "groups_ref_better_1e-9_rel": int((rel > 1e-9).sum()),
             "total_obj_ours": float(o_ours.sum()),
             "total_obj_ref": float(o_ref.sum()),
-            "warmup_calls": warm_calls,
+            "warmup_calls": warm_calls[lam],
             "kernel_stats": kstats,
             "nnz_fractions_ours": nnz_fractions(x_ours),
             "nnz_fractions_ref": nnz_fractions(x_ref),
@@ -233,7 +248,8 @@ def main(argv=None) -> dict:
                  "groups_per_s": groups / copy_s},
         "load_average": {"start": load0, "end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "reference": {"path": os.path.abspath(args.reference), "call": "prox_op(W.clone(), lam)"},
-        "repeats": {"ours": args.repeats, "reference": args.ref_repeats, "warmup_seconds": args.warmup},
+        "repeats": {"ours": args.repeats, "reference": args.ref_repeats, "warmup_seconds": args.warmup,
+                    "rounds": args.rounds},
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

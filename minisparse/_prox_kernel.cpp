@@ -47,6 +47,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -574,11 +577,13 @@ inline void solve_sorted(const double* z, double lam, const Cfg& cfg, Stats& st,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Blocked driver.  The common paths run as branch-free loops over VB lanes that the compiler
-// vectorises (AVX2: two 4-wide registers per loop); groups move between stages through index
-// lists, so every stage works on full blocks:
-//   1. all groups: sort, normalise, the certificates of a 2-sparse answer (screen2, screen3, and
-//      no 3-sparse critical point), and the output of the groups they settle;
+// Blocked driver.  The common paths run as branch-free loops over vectors of VB lanes (AVX2: 4
+// doubles, AVX-512: 8); groups move between stages through index lists, so every stage works on full
+// blocks:
+//   1. all groups: sort, normalise, the certificates of a 2-sparse answer (screen2, screen3, no
+//      3-sparse critical point, identity), and the output of the groups they settle; the groups
+//      left get consecutive slots of the list, with their data stored per slot (with AVX-512 by
+//      compressing the vector lanes, else gathered afterwards);
 //   2. the rest: 3-sparse candidate (safeguarded Newton on G), R(0) and R'(0);
 //   3. R(0) < 0: dense candidate (Newton on (s, t), verified);
 //   4. the few groups left (R(0) >= 0 > R'(0), or a Newton iteration that did not verify): the
@@ -592,17 +597,22 @@ constexpr int VB = 4;     // lanes per block (one AVX2 register of doubles)
 #endif
 typedef int64_t lane_t;   // lane flags as wide as the doubles they steer
 
+// Stage 1 writes per group (index g); the later stages work per slot j of the list of groups they
+// need (g = list[j]), so that a block of consecutive slots is read and written with whole vectors.
 struct Work {
-    double z2[CH], z3[CH], z4[CH], lam[CH], scale[CH];
-    double w[4][CH];      // chosen point, sorted order, normalised (z1 = 1)
-    double best[CH];      // its objective
-    double need[CH];      // 1: not settled by the certificates of stage 1
+    double gz2[CH], gz3[CH], gz4[CH], glam[CH];  // per group: sorted, normalised input, lam * scale
+    double scale[CH];     // per group
+    double need[CH];      // per group, 1: not settled by the certificates of stage 1
+    double z2[CH + 8], z3[CH + 8], z4[CH + 8], lam[CH + 8];  // per slot (+8: whole-vector stores)
+    double w[4][CH + 8];  // per slot: chosen point, sorted order, normalised (z1 = 1)
+    double best[CH + 8];  // per slot: its objective
+    int kslot;            // slots already filled by stage 1
     int ncopy;            // groups copied unchanged (non-finite group, lam == 0, all zero, identity)
     int nid3, nid4;       // identity groups with 3 and 4 non-zeros
-    double rank[4][CH];   // sorted position of each original coordinate
-    int32_t list[CH], list2[CH], list3[CH], list4[CH];
-    double ts[CH], tt[CH];  // dense Newton start (s, t)
-    double s3[CH];          // root s = lam w3 of the 3-sparse candidate
+    double rank[4][CH];   // per group: sorted position of each original coordinate
+    int32_t list[CH + 8], list2[CH], list3[CH], list4[CH];
+    double ts[CH], tt[CH];  // per slot: dense Newton start (s, t)
+    double s3[CH];          // per slot: root s = lam w3 of the 3-sparse candidate
 };
 
 // Stage 1 for groups g0..n of a chunk (plain loop): sort, normalise, certificates, and the output of
@@ -633,27 +643,22 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
         MS_CX(a1, i1, a3, i3)
         MS_CX(a1, i1, a2, i2)
 #undef MS_CX
-        const double l = W.lam[g];
+        const double l = W.glam[g];
         const bool finite = (a0 <= 1.79769313486231570e308) & (a1 == a1) & (a2 == a2) & (a3 == a3);
         const bool copy0 = (!finite) | (!(l > 0.0)) | (!(a0 > 0.0));
         const double sc = copy0 ? 1.0 : a0;
         const double inv = 1.0 / sc;
         const double z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
-        W.z2[g] = z2;
-        W.z3[g] = z3;
-        W.z4[g] = z4;
-        W.lam[g] = ln;
+        W.gz2[g] = z2;
+        W.gz3[g] = z3;
+        W.gz4[g] = z4;
+        W.glam[g] = ln;
         W.scale[g] = sc;
         W.rank[0][g] = (i1 == 0.0 ? 1.0 : 0.0) + (i2 == 0.0 ? 2.0 : 0.0) + (i3 == 0.0 ? 3.0 : 0.0);
         W.rank[1][g] = (i1 == 1.0 ? 1.0 : 0.0) + (i2 == 1.0 ? 2.0 : 0.0) + (i3 == 1.0 ? 3.0 : 0.0);
         W.rank[2][g] = (i1 == 2.0 ? 1.0 : 0.0) + (i2 == 2.0 ? 2.0 : 0.0) + (i3 == 2.0 ? 3.0 : 0.0);
         W.rank[3][g] = (i1 == 3.0 ? 1.0 : 0.0) + (i2 == 3.0 ? 2.0 : 0.0) + (i3 == 3.0 ? 3.0 : 0.0);
         (void)i0;
-        W.w[0][g] = 1.0;
-        W.w[1][g] = z2;
-        W.w[2][g] = 0.0;
-        W.w[3][g] = 0.0;
-        W.best[g] = 0.5 * (z3 * z3 + z4 * z4);
         // screen2 / screen3 (see there), inline so that the loop vectorises
         const double rmax2 = z3 * z3 + z4 * z4;
         const double c0 = ln * z2 - z3;
@@ -696,11 +701,12 @@ template <typename T>
 inline int stage_sort_plain(const T* y, T* x, int n, const double* lam, int64_t lam_stride, Work& W) {
     if (lam_stride == 0) {
         const double l0 = lam[0];
-        for (int g = 0; g < n; ++g) W.lam[g] = l0;
+        for (int g = 0; g < n; ++g) W.glam[g] = l0;
     } else {
-        for (int g = 0; g < n; ++g) W.lam[g] = lam[g];
+        for (int g = 0; g < n; ++g) W.glam[g] = lam[g];
     }
     W.nid3 = W.nid4 = 0;
+    W.kslot = 0;
     W.ncopy = stage_sort_tail<T>(y, x, 0, n, W);
     int k = 0;
     for (int g = 0; g < n; ++g) {
@@ -718,7 +724,7 @@ inline void stage_out(const T* y, T* x, int n, int k, const Work& W, Stats& st, 
     for (int j = j0; j < k; ++j) {
         const int g = W.list[j];
         const double sc = W.scale[g];
-        const double w0 = W.w[0][g] * sc, w1 = W.w[1][g] * sc, w2 = W.w[2][g] * sc, w3 = W.w[3][g] * sc;
+        const double w0 = W.w[0][j] * sc, w1 = W.w[1][j] * sc, w2 = W.w[2][j] * sc, w3 = W.w[3][j] * sc;
         c3 += (w2 != 0.0) & (w3 == 0.0);
         c4 += w3 != 0.0;
         const bool two = (w2 == 0.0) & (w3 == 0.0);
@@ -882,10 +888,16 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         const V sc = copy0 ? one : a0;
         const V inv = one / sc;
         const V z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
-        std::memcpy(W.z2 + g, &z2, sizeof z2);
-        std::memcpy(W.z3 + g, &z3, sizeof z3);
-        std::memcpy(W.z4 + g, &z4, sizeof z4);
-        std::memcpy(W.lam + g, &ln, sizeof ln);
+#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+        if (L != 8)  // (eight lanes write the listed groups' data per slot directly, below;
+                     //  only the tail, through stage_sort_tail, reads the per-group copy)
+#endif
+        {
+            std::memcpy(W.gz2 + g, &z2, sizeof z2);
+            std::memcpy(W.gz3 + g, &z3, sizeof z3);
+            std::memcpy(W.gz4 + g, &z4, sizeof z4);
+            std::memcpy(W.glam + g, &ln, sizeof ln);
+        }
         std::memcpy(W.scale + g, &sc, sizeof sc);
         const V rk[4] = {(i1 == zero ? one : zero) + (i2 == zero ? two : zero) + (i3 == zero ? three : zero),
                          (i1 == one ? one : zero) + (i2 == one ? two : zero) + (i3 == one ? three : zero),
@@ -928,6 +940,24 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         ncopy -= copy;  // lanes are 0 or -1
         nid3 -= ident & ~copy0 & ~(z4 > zero);
         nid4 -= ident & ~copy0 & (z4 > zero);
+#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+        if constexpr (L == 8) {
+            // the list, and the listed groups' data per slot, compressed in registers
+            const __mmask8 mk = _mm512_movepi64_mask((__m512i)need);
+            _mm512_storeu_pd(W.z2 + k, _mm512_maskz_compress_pd(mk, (__m512d)z2));
+            _mm512_storeu_pd(W.z3 + k, _mm512_maskz_compress_pd(mk, (__m512d)z3));
+            _mm512_storeu_pd(W.z4 + k, _mm512_maskz_compress_pd(mk, (__m512d)z4));
+            _mm512_storeu_pd(W.lam + k, _mm512_maskz_compress_pd(mk, (__m512d)ln));
+            _mm512_storeu_pd(W.best + k, _mm512_maskz_compress_pd(mk, (__m512d)(0.5 * (z3 * z3 + z4 * z4))));
+            _mm512_storeu_pd(W.w[0] + k, (__m512d)one);
+            _mm512_storeu_pd(W.w[1] + k, _mm512_maskz_compress_pd(mk, (__m512d)z2));
+            _mm512_storeu_pd(W.w[2] + k, (__m512d)zero);
+            _mm512_storeu_pd(W.w[3] + k, (__m512d)zero);
+            const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            _mm256_storeu_si256((__m256i*)(W.list + k), _mm256_maskz_compress_epi32(mk, ids));
+            k += __builtin_popcount((unsigned)mk);
+        } else
+#endif
         for (int j = 0; j < L; ++j) {  // the list of the groups for the later stages, branch free
             W.list[k] = g + j;
             k += need[j] != 0;
@@ -950,8 +980,13 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         W.nid4 += (int)nid4[j];
     }
     W.ncopy = nc;
+#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+    W.kslot = L == 8 ? k : 0;
+#else
+    W.kslot = 0;
+#endif
     if (nl < n) {  // tail: the plain loop
-        for (int g = nl; g < n; ++g) W.lam[g] = lam[lam_stride == 0 ? 0 : g];
+        for (int g = nl; g < n; ++g) W.glam[g] = lam[lam_stride == 0 ? 0 : g];
         W.ncopy += stage_sort_tail<T>(y, x, nl, n, W);
         for (int g = nl; g < n; ++g) {
             W.list[k] = g;
@@ -982,13 +1017,10 @@ inline void stage_out_v(const T* y, T* x, int n, int k, const Work& W, Stats& st
         for (int l = 0; l < 4; ++l) {
             const int g = id[l];
             sc[l] = W.scale[g];
-            for (int i = 0; i < 4; ++i) {
-                w[i][l] = W.w[i][g];
-                r[i][l] = W.rank[i][g];
-            }
+            for (int i = 0; i < 4; ++i) r[i][l] = W.rank[i][g];
             ya[l] = vload(y + 4 * g);
         }
-        for (int i = 0; i < 4; ++i) w[i] *= sc;
+        for (int i = 0; i < 4; ++i) w[i] = vload(W.w[i] + j) * sc;  // per slot: contiguous
         c3 -= (w[2] != zero) & (w[3] == zero);
         c4 -= w[3] != zero;
         transpose4(ya[0], ya[1], ya[2], ya[3]);  // one register per original coordinate
@@ -1236,14 +1268,26 @@ constexpr int VU = 2;
 inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, lane_t* cls) {
     constexpr int U = VU;
     vb_d z2[U], z3[U], z4[U], lam[U];
-    for (int u = 0; u < U; ++u)
-        for (int l = 0; l < VB; ++l) {
-            const int g = idx[u * VB + l];
-            z2[u][l] = W.z2[g];
-            z3[u][l] = W.z3[g];
-            z4[u][l] = W.z4[g];
-            lam[u][l] = W.lam[g];
+    // consecutive slots (all blocks but the last of a chunk): whole vectors in and out
+    const bool contig = idx[U * VB - 1] == idx[0] + U * VB - 1;
+    if (contig) {
+        const int j0 = idx[0];
+        for (int u = 0; u < U; ++u) {
+            std::memcpy(&z2[u], W.z2 + j0 + u * VB, sizeof z2[u]);
+            std::memcpy(&z3[u], W.z3 + j0 + u * VB, sizeof z3[u]);
+            std::memcpy(&z4[u], W.z4 + j0 + u * VB, sizeof z4[u]);
+            std::memcpy(&lam[u], W.lam + j0 + u * VB, sizeof lam[u]);
         }
+    } else {
+        for (int u = 0; u < U; ++u)
+            for (int l = 0; l < VB; ++l) {
+                const int g = idx[u * VB + l];
+                z2[u][l] = W.z2[g];
+                z3[u][l] = W.z3[g];
+                z4[u][l] = W.z4[g];
+                lam[u][l] = W.lam[g];
+            }
+    }
     const vb_d zero = vb_splat(0.0), one = vb_splat(1.0), half = vb_splat(0.5), two = vb_splat(2.0);
     const vb_d tol = vb_splat(cfg.tol);
     // Newton on G in polynomial form (one division per step): with A = 1 + s and B = 1 - s (B = 1
@@ -1369,22 +1413,32 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
         const vb_i dense = good & (z4[u] > zero);
         const vb_i i0 = z4[u] != z4[u], i1 = i0 + 1, i2 = i0 + 2;  // integer vectors 0, 1, 2
         const vb_i c = dense ? (R < zero ? i1 : (qpos | (Q == zero) ? i0 : i2)) : i0;
-        // the group's chosen point is still stage 1's 2-sparse one, (1, z2, 0, 0) with objective
+        // the slot's chosen point is still the 2-sparse one, (1, z2, 0, 0) with objective
         // (z3^2 + z4^2) / 2, so the update needs no loads and no branches
         const vb_d b0 = half * (z3[u] * z3[u] + z4[u] * z4[u]);
         const vb_i take = good & (v3 < b0);
         const vb_d nb = take ? v3 : b0, n0 = take ? u1 : one, n1 = take ? u2 : z2[u], n2 = take ? u3 : zero;
+        for (int l = 0; l < VB; ++l) cls[u * VB + l] = c[l];
+        if (contig) {
+            const int j = idx[0] + u * VB;
+            std::memcpy(W.best + j, &nb, sizeof nb);
+            std::memcpy(W.w[0] + j, &n0, sizeof n0);
+            std::memcpy(W.w[1] + j, &n1, sizeof n1);
+            std::memcpy(W.w[2] + j, &n2, sizeof n2);
+            std::memcpy(W.ts + j, &s1, sizeof s1);
+            std::memcpy(W.tt + j, &t1, sizeof t1);
+            std::memcpy(W.s3 + j, &s[u], sizeof s[u]);
+            continue;  // (w[3] is still stage 1's zero)
+        }
         for (int l = 0; l < VB; ++l) {
             const int g = idx[u * VB + l];
             W.best[g] = nb[l];
             W.w[0][g] = n0[l];
             W.w[1][g] = n1[l];
             W.w[2][g] = n2[l];
-            W.w[3][g] = 0.0;
             W.ts[g] = s1[l];
             W.tt[g] = t1[l];
             W.s3[g] = s[u][l];
-            cls[u * VB + l] = c[l];
         }
     }
 }
@@ -1542,11 +1596,25 @@ void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const
     const int k = stage_sort<T>(y, x, n, lam, lam_stride, W);
     st.n3 += W.nid3;
     st.n4 += W.nid4;
+    // the listed groups' data, per slot, with the chosen point so far: stage 1's 2-sparse one
+    for (int j = W.kslot; j < k; ++j) {
+        const int g = W.list[j];
+        const double z2 = W.gz2[g], z3 = W.gz3[g], z4 = W.gz4[g];
+        W.z2[j] = z2;
+        W.z3[j] = z3;
+        W.z4[j] = z4;
+        W.lam[j] = W.glam[g];
+        W.best[j] = 0.5 * (z3 * z3 + z4 * z4);
+        W.w[0][j] = 1.0;
+        W.w[1][j] = z2;
+        W.w[2][j] = 0.0;
+        W.w[3][j] = 0.0;
+    }
     int k2 = 0, k3 = 0, k4 = 0;
     lane_t cls[BS];
     int32_t idx[BS];
     for (int j = 0; j < k; j += BS) {
-        for (int l = 0; l < BS; ++l) idx[l] = W.list[std::min(j + l, k - 1)];
+        for (int l = 0; l < BS; ++l) idx[l] = std::min(j + l, k - 1);  // slots
         MS_STAGE_SP3(idx, W, cfg, st, cls);
         const int lim = std::min(BS, k - j);
         for (int l = 0; l < lim; ++l) {  // branch free (the classes are unpredictable)
