@@ -1265,6 +1265,18 @@ static inline bool vb_any(vb_i m) {
 // U independent vectors per call: their dependency chains (divisions) overlap.
 constexpr int VU = 2;
 
+// The data of the slots idx[0 .. VU * VB), one lane each.
+inline void gather_slots(const int32_t* idx, const Work& W, vb_d* z2, vb_d* z3, vb_d* z4, vb_d* lam) {
+    for (int u = 0; u < VU; ++u)
+        for (int l = 0; l < VB; ++l) {
+            const int j = idx[u * VB + l];
+            z2[u][l] = W.z2[j];
+            z3[u][l] = W.z3[j];
+            z4[u][l] = W.z4[j];
+            lam[u][l] = W.lam[j];
+        }
+}
+
 inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, lane_t* cls) {
     constexpr int U = VU;
     vb_d z2[U], z3[U], z4[U], lam[U];
@@ -1279,14 +1291,7 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
             std::memcpy(&lam[u], W.lam + j0 + u * VB, sizeof lam[u]);
         }
     } else {
-        for (int u = 0; u < U; ++u)
-            for (int l = 0; l < VB; ++l) {
-                const int g = idx[u * VB + l];
-                z2[u][l] = W.z2[g];
-                z3[u][l] = W.z3[g];
-                z4[u][l] = W.z4[g];
-                lam[u][l] = W.lam[g];
-            }
+        gather_slots(idx, W, z2, z3, z4, lam);
     }
     const vb_d zero = vb_splat(0.0), one = vb_splat(1.0), half = vb_splat(0.5), two = vb_splat(2.0);
     const vb_d tol = vb_splat(cfg.tol);
@@ -1446,15 +1451,11 @@ inline void stage_sp3_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, 
 inline void stage_dense_v(const int32_t* idx, Work& W, const Cfg& cfg, Stats& st, lane_t* fail) {
     constexpr int U = VU;
     vb_d z2[U], z3[U], z4[U], L[U], s[U], t[U];
+    gather_slots(idx, W, z2, z3, z4, L);
     for (int u = 0; u < U; ++u)
         for (int l = 0; l < VB; ++l) {
-            const int g = idx[u * VB + l];
-            z2[u][l] = W.z2[g];
-            z3[u][l] = W.z3[g];
-            z4[u][l] = W.z4[g];
-            L[u][l] = W.lam[g];
-            s[u][l] = W.ts[g];
-            t[u][l] = W.tt[g];
+            s[u][l] = W.ts[idx[u * VB + l]];
+            t[u][l] = W.tt[idx[u * VB + l]];
         }
     const vb_d zero = vb_splat(0.0), one = vb_splat(1.0), half = vb_splat(0.5), two = vb_splat(2.0);
     const vb_d tol = vb_splat(cfg.tol), tiny = vb_splat(1e-300);
