@@ -28,8 +28,7 @@ SmolLM2-135M MLP projection) the script picks the lambdas at which 20% and 90% o
 The timed runs (best of ``--repeats``, default 100) are split into ``--rounds`` (default 4) that
 alternate between the lambdas, each after ``--warmup / --rounds`` seconds of untimed calls (default 1 s
 in all): on the small
-VMs this project runs on, the first few hundred milliseconds of a process run measurably slower (by up
-to 15% in our runs), and the prox is meant for the steady state of a training loop, where it runs
+VMs this project runs on, the first timed calls of a process ran 10-40% slower in some of our runs, and the prox is meant for the steady state of a training loop, where it runs
 after every optimizer step.  The CPU model and its vector extensions are recorded, since the kernel
 is compiled for the machine it runs on (``-march=native``).
 

@@ -47,11 +47,16 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+// AVX-512 with VL and DQ and a compiler with __builtin_shufflevector (GCC 12, Clang): stage 1 takes
+// eight groups a step and compresses the data of the groups it lists into their slots
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && (defined(__clang__) || __GNUC__ >= 12)
+#define MS_L8 1
 #include <immintrin.h>
 #endif
 
 namespace {
+
+constexpr double IDENT_REL = 5.551115123125783e-17;  // 2^-54: below half an ulp of a double, relative
 
 struct Cfg {
     double tol;   // relative change that ends a Newton iteration
@@ -602,7 +607,7 @@ typedef int64_t lane_t;   // lane flags as wide as the doubles they steer
 struct Work {
     double gz2[CH], gz3[CH], gz4[CH], glam[CH];  // per group: sorted, normalised input, lam * scale
     double scale[CH];     // per group
-    double need[CH];      // per group, 1: not settled by the certificates of stage 1
+    double need[CH];      // per group, 1: not settled by stage 1's certificates (the scalar loop only)
     double z2[CH + 8], z3[CH + 8], z4[CH + 8], lam[CH + 8];  // per slot (+8: whole-vector stores)
     double w[4][CH + 8];  // per slot: chosen point, sorted order, normalised (z1 = 1)
     double best[CH + 8];  // per slot: its objective
@@ -676,7 +681,7 @@ inline int stage_sort_tail(const T* y, T* x, int g0, int n, Work& W) {
                                                           : 4.0 * ln * c0 >= b3 * b3));
         const bool big = !(ln <= 1.79769313486231570e308);  // lam * scale overflowed: top-2
         const double zmin = z4 > 0.0 ? z4 : z3;  // identity (see stage_sort_l)
-        const bool copy = copy0 | ((z3 > 0.0) & (3.0 * ln <= 5.551115123125783e-17 * zmin) & (zmin * zmin > 8.0 * ln));
+        const bool copy = copy0 | ((z3 > 0.0) & (3.0 * ln <= IDENT_REL * zmin) & (zmin * zmin > 8.0 * ln));
         ncopy += copy ? 1 : 0;
         n3 += (copy & !copy0 & !(z4 > 0.0)) ? 1 : 0;
         n4 += (copy & !copy0 & (z4 > 0.0)) ? 1 : 0;
@@ -749,11 +754,6 @@ typedef double vd __attribute__((vector_size(32)));
 typedef int64_t vi __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(16)));
 
-static inline vd vsqrt(vd x) {
-    vd r;
-    for (int l = 0; l < 4; ++l) r[l] = std::sqrt(x[l]);
-    return r;
-}
 static inline vd vload(const double* p) {
     vd r;
     std::memcpy(&r, p, sizeof r);
@@ -786,25 +786,15 @@ struct VT {
     typedef double d __attribute__((vector_size(8 * L)));
     typedef int64_t i __attribute__((vector_size(8 * L)));
 };
-// eight lanes need __builtin_shufflevector (GCC 12, Clang) for the transposes
-#if defined(__AVX512F__) && (defined(__clang__) || __GNUC__ >= 12)
-#define MS_L8 1
-#endif
 
 // c[i] = coordinate i of the groups g .. g + L - 1
-static inline void load_coords(const float* y, vd c[4]) {
+template <typename T>
+static inline void load_coords(const T* y, vd c[4]) {
     for (int j = 0; j < 4; ++j) c[j] = vload(y + 4 * j);
     transpose4(c[0], c[1], c[2], c[3]);
 }
-static inline void load_coords(const double* y, vd c[4]) {
-    for (int j = 0; j < 4; ++j) c[j] = vload(y + 4 * j);
-    transpose4(c[0], c[1], c[2], c[3]);
-}
-static inline void store_coords(float* x, vd c[4]) {
-    transpose4(c[0], c[1], c[2], c[3]);
-    for (int j = 0; j < 4; ++j) vstore(x + 4 * j, c[j]);
-}
-static inline void store_coords(double* x, vd c[4]) {
+template <typename T>
+static inline void store_coords(T* x, vd c[4]) {
     transpose4(c[0], c[1], c[2], c[3]);
     for (int j = 0; j < 4; ++j) vstore(x + 4 * j, c[j]);
 }
@@ -888,7 +878,7 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         const V sc = copy0 ? one : a0;
         const V inv = one / sc;
         const V z2 = a1 * inv, z3 = a2 * inv, z4 = a3 * inv, ln = l * sc;
-#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#ifdef MS_L8
         if (L != 8)  // (eight lanes write the listed groups' data per slot directly, below;
                      //  only the tail, through stage_sort_tail, reads the per-group copy)
 #endif
@@ -930,7 +920,7 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         // them and lies within 3 lam of z, below half an ulp: the output is the input (this also
         // keeps a lam that underflows, lam^2 = 0 or 1/lam = inf, out of the later stages)
         const V zmin = z4 > zero ? z4 : z3;
-        const M ident = (z3 > zero) & (3.0 * ln <= 5.551115123125783e-17 * zmin) & (zmin * zmin > 8.0 * ln);
+        const M ident = (z3 > zero) & (3.0 * ln <= IDENT_REL * zmin) & (zmin * zmin > 8.0 * ln);
         const M copy = copy0 | ident;
         // no 3-sparse critical point (hence no dense one): G' <= 0 at G's inflection point, where
         // G' = 1 - lam^2 m^2 (1 + k)^4 / 4 is largest (m = (1 + z2) / 2, k^2 = (1 - z2) / (1 + z2)),
@@ -940,7 +930,7 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         ncopy -= copy;  // lanes are 0 or -1
         nid3 -= ident & ~copy0 & ~(z4 > zero);
         nid4 -= ident & ~copy0 & (z4 > zero);
-#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#ifdef MS_L8
         if constexpr (L == 8) {
             // the list, and the listed groups' data per slot, compressed in registers
             const __mmask8 mk = _mm512_movepi64_mask((__m512i)need);
@@ -980,11 +970,7 @@ inline int stage_sort_l(const T* y, T* x, int n, const double* lam, int64_t lam_
         W.nid4 += (int)nid4[j];
     }
     W.ncopy = nc;
-#if defined(MS_L8) && defined(__AVX512VL__) && defined(__AVX512DQ__)
     W.kslot = L == 8 ? k : 0;
-#else
-    W.kslot = 0;
-#endif
     if (nl < n) {  // tail: the plain loop
         for (int g = nl; g < n; ++g) W.glam[g] = lam[lam_stride == 0 ? 0 : g];
         W.ncopy += stage_sort_tail<T>(y, x, nl, n, W);
@@ -1635,7 +1621,7 @@ void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const
         }
     }
     for (int j = 0; j < k3; ++j) {
-        const int g = W.list3[j];
+        const int g = W.list3[j];  // (a slot)
         const double z[4] = {1.0, W.z2[g], W.z3[g], W.z4[g]};
         Best best;
         best.v = W.best[g];
@@ -1646,7 +1632,7 @@ void chunk(const T* y, T* x, int n, const double* lam, int64_t lam_stride, const
         for (int i = 0; i < 4; ++i) W.w[i][g] = best.w[i];
     }
     for (int j = 0; j < k4; ++j) {
-        const int g = W.list4[j];
+        const int g = W.list4[j];  // (a slot)
         const double z[4] = {1.0, W.z2[g], W.z3[g], W.z4[g]};
         double w[4];
         solve_sorted(z, W.lam[g], cfg, st, w);
