@@ -186,7 +186,11 @@ def summarize(out: Path = OUT) -> Path:
     rows = []
     for path in sorted(Path(out).glob("*.json")):
         r = json.loads(path.read_text())
+        cfg = r.get("config", {})
         rows.append({"method": r["method"], "pattern": r["pattern"], "tokens": r["tokens"],
+                     # the same token budget can be spent as many small steps or fewer large ones
+                     "steps": cfg.get("steps", ""), "batch_size": cfg.get("batch_size", ""),
+                     "seqlen": cfg.get("seqlen", ""),
                      "ppl": round(r["pruned_ppl"], 3), "calib_ppl": round(r["calib_ppl"], 3) if "calib_ppl" in r else "",
                      "ppl_before_training": r["ppl_before_training"] or "",
                      "train_seconds": round(r["train_seconds"], 1), "options": json.dumps(r["options"]),
