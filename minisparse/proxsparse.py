@@ -1,8 +1,8 @@
 r"""ProxSparse (Liu et al.): learn a 2:4 mask by proximal gradient on the model's own loss.
 
 Per step (Algorithm 1 of the paper, as in the authors' code): an AdamW step on
-:math:`\mathcal L(W) + \lambda_2 \mathrm{Reg}_{W_0}(W)` (the frozen-weight regularizer, differentiable,
-added to the loss), then every prunable weight is replaced by the exact proximal operator of
+:math:`\mathcal L(W) + \lambda_2 \mathrm{Reg}_{W_0}(W)` (the frozen-weight regularizer, smooth: its
+closed-form gradient is added to the loss gradient), then every prunable weight is replaced by the exact proximal operator of
 :math:`\lambda_1 \mathrm{Reg}_{2:4}` (:func:`minisparse.prox.prox_24`). At the end the mask is the top-2
 magnitudes of every group of four *learned* weights, applied to the *original* weights: ProxSparse only
 selects a mask, it never updates a weight.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .patterns import Pattern, parse_pattern, topk_mask
-from .prox import prox_24_, reg_frozen
+from .prox import prox_24_, reg_frozen_grad
 from .methods import register
 from .train import TrainConfig, TrainHooks, checked_parameters, train
 
@@ -57,10 +57,15 @@ class ProxSparseHooks(TrainHooks):
             self.W0 = {n: p.detach().clone() for n, p in params.items()}
         self.last_mask = {n: _top2(p) for n, p in params.items()}
 
-    def extra_loss(self, params):
+    def before_step(self, step, params) -> None:
+        # lam2 * grad Reg_W0 in closed form, one matrix at a time: the same gradient autograd would give for
+        # the term added to the loss, without keeping a graph over every weight for the backward pass
         if self.lam2 <= 0:
-            return None
-        return self.lam2 * sum(reg_frozen(p, self.W0[n], self.eps) for n, p in params.items())
+            return
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.grad is not None:
+                    p.grad.add_(reg_frozen_grad(p.detach(), self.W0[n], self.eps), alpha=self.lam2)
 
     def strength(self, lr: float) -> float:
         return self.lam1 if self.lam_schedule == "constant" else self.lam1 * lr / self.lr_max

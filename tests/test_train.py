@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from conftest import tiny_model
 
 from minisparse import parse_pattern, topk_mask
@@ -94,6 +95,27 @@ def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(t
     other = TrainConfig(**{**kw, "lr": 1e-3}, checkpoint_every=4, checkpoint_dir=str(tmp_path / "ck"))
     with pytest.raises(ValueError, match="different configuration"):
         train(tiny_model("qwen2", seed=1), s, other, progress=False)
+
+
+def test_proxsparse_frozen_weight_gradient_equals_autograd_of_the_added_loss():
+    from minisparse.prox import reg_frozen
+    torch.manual_seed(0)
+    W0 = {"a": torch.randn(8, 12), "b": torch.randn(4, 8) * 0.05}
+    params = {n: nn.Parameter(w.clone()) for n, w in W0.items()}
+    hooks = ProxSparseHooks(lam1=0.1, lam2=0.7, eps=0.1)
+    hooks.setup(params)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.03 * torch.randn_like(p))
+    ref = {n: nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    (0.7 * sum(reg_frozen(ref[n], W0[n], 0.1) for n in ref)).backward()
+    for p in params.values():
+        p.grad = torch.full_like(p, 0.25)  # the loss gradient is kept, the regularizer's added to it
+    hooks.before_step(0, params)
+    for n in params:
+        torch.testing.assert_close(params[n].grad, ref[n].grad + 0.25, rtol=1e-6, atol=1e-7)
+        assert (params[n].grad - 0.25).abs().max() > 1e-4  # the regularizer moved the gradient
+    assert hooks.extra_loss(params) is None  # and is not added a second time through the loss
 
 
 def test_proxsparse_learns_24_and_keeps_the_original_weights_on_the_mask():
