@@ -18,7 +18,7 @@ operator of :math:`\lambda_1 \mathrm{Reg}_{2:4}` (Algorithm 1 of the paper).  Th
   on CPU by a compiled C++ kernel (built at first use, cached), elsewhere by :func:`prox_24_torch`;
 - :func:`prox_24_alm` -- the paper's EnumALM (alternating minimisation) for comparison; it is *not*
   exact (see below);
-- :func:`reg_frozen`, :func:`reg_frozen_grad`, :func:`prox_frozen` -- the frozen-weight regularizer,
+- :func:`reg_frozen`, :func:`reg_frozen_grad` (:func:`add_reg_frozen_grad_`), :func:`prox_frozen` -- the frozen-weight regularizer,
   its gradient and its exact (closed-form) proximal operator.
 
 The exact 2:4 prox
@@ -156,6 +156,7 @@ __all__ = [
     "objective_24",
     "reg_frozen",
     "reg_frozen_grad",
+    "add_reg_frozen_grad_",
     "prox_frozen",
     "kernel_available",
     "kernel_info",
@@ -966,6 +967,29 @@ def reg_frozen_grad(W: torch.Tensor, W0: torch.Tensor, eps: float = 0.1) -> torc
     :math:`c = 1/(w_0 + \epsilon\,\mathrm{sign}(w_0))^2` (ProxSparse uses it in the gradient step)."""
     c = _frozen_denominator(W0, eps) ** -2
     return 2 * c * W * (W - W0) * (2 * W - W0)
+
+
+def add_reg_frozen_grad_(G: torch.Tensor, W: torch.Tensor, W0: torch.Tensor, lam: float, eps: float = 0.1,
+                         chunk: int = 1 << 17) -> torch.Tensor:
+    r"""``G += lam * reg_frozen_grad(W, W0, eps)`` in place, a cache-sized chunk at a time.
+
+    The training loop calls it on every weight after every backward pass; written as one expression the
+    gradient makes about a dozen full-size passes over memory, here each chunk's temporaries stay in cache
+    and memory sees one read of ``W``, ``W0`` and ``G`` and one write of ``G``.  Uses
+    :math:`|w_0 + \epsilon\,\mathrm{sign}(w_0)| = |w_0| + \epsilon`.
+    """
+    if not (G.is_contiguous() and W.is_contiguous() and W0.is_contiguous()):
+        return G.add_(reg_frozen_grad(W.detach(), W0, eps), alpha=lam)
+    g, w, w0 = G.view(-1), W.detach().view(-1), W0.view(-1)
+    with torch.no_grad():
+        for s in range(0, w.numel(), chunk):
+            ws, w0s = w[s:s + chunk], w0[s:s + chunk]
+            u = ws - w0s                   # w - w0
+            v = u + ws                     # 2w - w0
+            u.mul_(v).mul_(ws)             # w (w - w0)(2w - w0)
+            u.div_(w0s.abs().add_(eps).square_())
+            g[s:s + chunk].add_(u, alpha=2 * lam)
+    return G
 
 
 def prox_frozen(V: torch.Tensor, W0: torch.Tensor, lam: Union[float, torch.Tensor], eps: float = 0.1) -> torch.Tensor:

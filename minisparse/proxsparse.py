@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .patterns import Pattern, parse_pattern, topk_mask
-from .prox import prox_24_, reg_frozen_grad
+from .prox import add_reg_frozen_grad_, prox_24_
 from .methods import register
 from .train import TrainConfig, TrainHooks, checked_parameters, train
 
@@ -65,7 +65,7 @@ class ProxSparseHooks(TrainHooks):
         with torch.no_grad():
             for n, p in params.items():
                 if p.grad is not None:
-                    p.grad.add_(reg_frozen_grad(p.detach(), self.W0[n], self.eps), alpha=self.lam2)
+                    add_reg_frozen_grad_(p.grad, p, self.W0[n], self.lam2, self.eps)
 
     def strength(self, lr: float) -> float:
         return self.lam1 if self.lam_schedule == "constant" else self.lam1 * lr / self.lr_max

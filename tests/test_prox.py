@@ -372,6 +372,22 @@ def test_cuda_path_matches_cpu():
 # frozen-weight regularizer
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 17])
+def test_chunked_in_place_frozen_gradient_equals_the_formula(chunk):
+    g = torch.Generator().manual_seed(11)
+    W0 = torch.randn(37, 24, generator=g, dtype=torch.float64) * 0.2
+    W0[0, :5] = 0.0  # sign(0) counts as +1
+    W = W0 + torch.randn(37, 24, generator=g, dtype=torch.float64) * 0.05
+    G = torch.randn(37, 24, generator=g, dtype=torch.float64)
+    want = G + 0.3 * P.reg_frozen_grad(W, W0, 0.2)
+    out = P.add_reg_frozen_grad_(G, W, W0, 0.3, 0.2, chunk=chunk)
+    assert out is G
+    torch.testing.assert_close(G, want, rtol=1e-12, atol=1e-14)
+    Gt = torch.zeros(24, 37, dtype=torch.float64)  # a transposed (non-contiguous) view takes the plain path
+    P.add_reg_frozen_grad_(Gt.t(), W, W0, 0.3, 0.2, chunk=chunk)
+    torch.testing.assert_close(Gt.t(), 0.3 * P.reg_frozen_grad(W, W0, 0.2), rtol=1e-12, atol=1e-14)
+
+
 def test_frozen_regularizer_gradient_and_prox():
     g = torch.Generator().manual_seed(10)
     W0 = torch.randn(100, generator=g, dtype=torch.float64) * 0.5
