@@ -62,10 +62,9 @@ class ProxSparseHooks(TrainHooks):
         # the term added to the loss, without keeping a graph over every weight for the backward pass
         if self.lam2 <= 0:
             return
-        with torch.no_grad():
-            for n, p in params.items():
-                if p.grad is not None:
-                    add_reg_frozen_grad_(p.grad, p, self.W0[n], self.lam2, self.eps)
+        for n, p in params.items():
+            if p.grad is not None:
+                add_reg_frozen_grad_(p.grad, p, self.W0[n], self.lam2, self.eps)
 
     def strength(self, lr: float) -> float:
         return self.lam1 if self.lam_schedule == "constant" else self.lam1 * lr / self.lr_max
