@@ -157,6 +157,8 @@ def run(args, method: str, setting: str) -> Path:
     if before is not None:
         curve.points.append({"step": 0, "tokens": 0, "ppl": before})
     report = train(model, stream, cfg, curve, params, bos_id=tok.bos_token_id if lm.bos else None, progress=True)
+    # the mask itself (ProxSparse: top-2 of the learned weights, before they are replaced by the original ones)
+    masks = {n: _top2(p) for n, p in params.items()} if method == "proxsparse" else None
     feasible(params)  # ProxSparse: top-2 of the learned weights applied to the original ones
     ppl = perplexity(model, tok, eval_text, 512, args.eval_windows, progress=True)
     # the number hyperparameters are chosen by: the final (feasible) model's perplexity on calibration text,
@@ -176,6 +178,11 @@ def run(args, method: str, setting: str) -> Path:
     if method.startswith("elsa"):
         result["admm_state_bytes_per_param"] = hooks.bytes_per_param()
         result["state_bytes_model"] = state_bytes(method == "elsa-l", 8 if cfg.optimizer == "adamw8bit" else 32)
+    if args.save_masks:  # the final masks, one bit per weight (not committed: 13 MB for SmolLM2-135M)
+        from minisparse.engine import save_masks
+
+        result["masks_file"] = str(save_masks(masks or {n: p != 0 for n, p in params.items()},
+                                                out / "masks" / f"{name}.pt"))
     write_json(path, result)
     shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     print(path.name, "ppl", round(ppl["ppl"], 2), flush=True)
@@ -214,6 +221,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=8)
     ap.add_argument("--checkpoint-every", type=int, default=32)
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--save-masks", action="store_true",
+                    help="also write the final masks (bit-packed) to <out-dir>/masks/<run>.pt, for benchmarks/refit.py")
     ap.add_argument("--summarize", action="store_true")
     ap.add_argument("--out-dir", default=str(OUT),
                     help="where the result files go (default: %(default)s); e.g. a separate folder for short "

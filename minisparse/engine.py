@@ -14,6 +14,7 @@ are found by structure (:func:`~minisparse.models.decoder_layers`) and Linear mo
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .objective import relative_error
 from .patterns import Pattern, parse_pattern
 
 __all__ = ["PruneReport", "capture_layer_inputs", "GramCollector", "prune_model", "check_prunable",
-           "collect_grams"]
+           "collect_grams", "prune_with_masks", "save_masks", "load_masks"]
 
 
 class _StopForward(Exception):
@@ -289,3 +290,79 @@ def collect_grams(model: nn.Module, calib_ids: torch.Tensor, layer: int, *, batc
                          device=device, batch_size=batch_size, gram_dtype=gram_dtype, layers=[layer],
                          progress=False)
     return {m["name"]: wg for m, wg in zip(report.matrices, seen)}
+
+
+def prune_with_masks(model: nn.Module, calib_ids: torch.Tensor, masks: dict[str, torch.Tensor], *,
+                     reconstruct: bool = True, damp: float = 0.01, batch_size: int = 8,
+                     device: torch.device | str | None = None, progress: bool = True) -> PruneReport:
+    """Apply masks chosen elsewhere (ProxSparse, SparseFW, another method's run) and, with ``reconstruct``,
+    re-fit the kept weights by least squares on the calibration inputs: per row
+    min ||w X - ŵ X||² with ŵ = 0 off the mask (:func:`~minisparse.objective.reconstruct`, ridge ``damp``
+    as SparseGPT's), the weight update SparseGPT makes, for a mask it did not choose.
+
+    ``masks`` maps every name of :func:`~minisparse.train.prunable_parameters` to a boolean mask of that
+    weight's shape (True = kept); the model must hold its dense weights. The walk is
+    :func:`prune_model`'s, so each layer is re-fitted on the inputs the already pruned layers produce.
+    """
+    from .methods import SolverResult
+    from .objective import reconstruct as refit
+    from .train import prunable_parameters
+
+    params = prunable_parameters(model)
+    missing = sorted(set(params) - set(masks))
+    extra = sorted(set(masks) - set(params))
+    if missing or extra:
+        raise ValueError(f"masks must name exactly the model's prunable weights; missing {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''}, unknown {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for n, p in params.items():
+        if tuple(masks[n].shape) != tuple(p.shape):
+            raise ValueError(f"{n}: mask of shape {tuple(masks[n].shape)} for a weight of shape {tuple(p.shape)}")
+    queue = list(params.items())  # prune_model's walk visits the Linears in this order
+
+    def solver(W, G, pattern):
+        name, p = queue.pop(0)
+        if not torch.equal(W, p.detach().to(W.dtype)):  # the walk and the queue must agree, matrix by matrix
+            raise RuntimeError(f"prune_with_masks: expected {name} next, got another matrix")
+        keep = masks[name].to(device=W.device, dtype=torch.bool)
+        new = refit(W, keep, G, damp=damp) if reconstruct else W * keep
+        return SolverResult(torch.where(keep, new, torch.zeros_like(new)), keep,
+                            {"reconstruct": reconstruct, "kept": int(keep.sum())})
+
+    name = "given-mask+lstsq" if reconstruct else "given-mask"
+    return prune_model(model, calib_ids, Method(name, solver), parse_pattern("unstructured", 0.0),
+                       device=device, batch_size=batch_size, progress=progress)
+
+
+def save_masks(masks: dict[str, torch.Tensor], path) -> "Path":
+    """Write boolean masks to ``path`` (torch format, one bit per weight), atomically; returns the path."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    packed = {}
+    for n, m in masks.items():
+        flat = m.detach().to("cpu", torch.bool).flatten()
+        pad = (-flat.numel()) % 8
+        flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8).to(torch.uint8)
+        packed[n] = {"shape": list(m.shape), "bits": (flat * weights).sum(dim=1, dtype=torch.uint8)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": "minisparse-masks-1", "masks": packed}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_masks(path) -> dict[str, torch.Tensor]:
+    """Read masks written by :func:`save_masks`."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != "minisparse-masks-1":
+        raise ValueError(f"{path}: not a mask file written by minisparse.engine.save_masks")
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    out = {}
+    for n, entry in data["masks"].items():
+        shape = tuple(entry["shape"])
+        count = math.prod(shape)
+        flat = (entry["bits"].reshape(-1, 1) & bits) != 0
+        out[n] = flat.flatten()[:count].reshape(shape)
+    return out

@@ -107,3 +107,75 @@ def test_nan_activations_are_reported():
     ids = torch.full((2, 8), 3, dtype=torch.long)
     with pytest.raises(ValueError, match="Gram matrix .* NaN or inf"):
         prune_model(model, ids, "magnitude", "2:4", progress=False)
+
+
+def _random_24_masks(model, seed=0):
+    from minisparse.train import prunable_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: topk_mask(torch.rand(p.shape, generator=g), parse_pattern("2:4"))
+            for n, p in prunable_parameters(model).items()}
+
+
+def test_prune_with_masks_applies_each_mask_to_its_own_matrix_and_refits_by_least_squares():
+    import copy
+
+    from minisparse.engine import prune_with_masks
+    from minisparse.objective import reconstruct, relative_error
+    from minisparse.train import prunable_parameters
+
+    model = tiny_model("llama", seed=2)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    masks = _random_24_masks(model)  # a different random mask for every matrix: a mix-up would show
+    dense = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    G0 = _reference_grams(model, ids)  # layer 0 sees the dense model's inputs in both walks
+
+    only = copy.deepcopy(model)
+    prune_with_masks(only, ids, masks, reconstruct=False, batch_size=2, progress=False)
+    for n, p in prunable_parameters(only).items():
+        assert torch.equal(p, dense[n] * masks[n])
+
+    report = prune_with_masks(model, ids, masks, damp=0.01, batch_size=2, progress=False)
+    for n, p in prunable_parameters(model).items():
+        assert torch.equal(p != 0, masks[n]), n  # the kept weights are re-fitted, never pruned or added
+    for m in report.matrices:
+        if m["layer"] == 0:
+            n = f"layers.0.{m['name']}"
+            G = G0[(0, m["name"])].float()
+            want = reconstruct(dense[n], masks[n], G, damp=0.01)
+            got = prunable_parameters(model)[n].detach()
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+            # least squares beats keeping the original values on the same inputs
+            assert relative_error(dense[n], got, G) < relative_error(dense[n], dense[n] * masks[n], G)
+
+
+def test_prune_with_masks_rejects_masks_that_do_not_fit_and_changes_nothing():
+    from minisparse.engine import prune_with_masks
+    from minisparse.train import prunable_parameters
+
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    masks = _random_24_masks(model)
+    name = next(iter(masks))
+    with pytest.raises(ValueError, match="missing .*" + name.replace(".", r"\.")):
+        prune_with_masks(model, ids, {k: v for k, v in masks.items() if k != name}, progress=False)
+    with pytest.raises(ValueError, match="mask of shape"):
+        prune_with_masks(model, ids, {**masks, name: masks[name][:, :4]}, progress=False)
+    for n, p in prunable_parameters(model).items():
+        assert torch.equal(p, before[n])
+
+
+def test_masks_round_trip_through_a_file(tmp_path):
+    from minisparse.engine import load_masks, save_masks
+
+    g = torch.Generator().manual_seed(3)
+    masks = {"a": torch.rand(5, 7, generator=g) > 0.5, "b": torch.rand(3, 8, generator=g) > 0.3,
+             "c": torch.ones(1, 1, dtype=torch.bool)}
+    path = save_masks(masks, tmp_path / "sub" / "m.pt")
+    back = load_masks(path)
+    assert set(back) == set(masks) and all(torch.equal(back[k], masks[k]) for k in masks)
+    assert not list((tmp_path / "sub").glob("*.tmp"))
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a mask file"):
+        load_masks(tmp_path / "other.pt")
