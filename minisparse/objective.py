@@ -62,7 +62,8 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, G: torch.Tensor, damp:
 
     The solution on the kept set S is ŵ_S = G_SS⁻¹ G_S,: w (normal equations), with an optional ridge
     ``damp`` (fraction of mean diag G); where G_SS is singular the minimum-norm solution is taken.
-    Solved in float64, rows batched when they keep the same number of weights.
+    Solved in float64, rows batched when they keep the same number of weights (at most ``chunk`` rows
+    and about 256 MiB of systems per batch).
     """
     mask = mask.bool()
     Gd = dampen(G.double(), damp)
@@ -74,8 +75,11 @@ def reconstruct(weight: torch.Tensor, mask: torch.Tensor, G: torch.Tensor, damp:
         if k == 0:
             continue
         rows = torch.nonzero(counts == k).flatten()
-        for start in range(0, rows.numel(), chunk):
-            r = rows[start:start + chunk]
+        # at most ``chunk`` rows and about 256 MiB of gathered k x k systems at a time (k is 5504 for a
+        # 2:4 down_proj of a 7B model: 256 rows at once would be 62 GB)
+        step = max(1, min(chunk, (1 << 28) // (8 * k * k)))
+        for start in range(0, rows.numel(), step):
+            r = rows[start:start + step]
             idx = torch.nonzero(mask[r])[:, 1].reshape(len(r), k)  # kept columns, per row
             Gss = Gd[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (rows, k, k)
             rhs = torch.gather(rhs_all[r], 1, idx)
