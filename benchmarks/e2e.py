@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -94,6 +95,8 @@ def run(args, method: str, setting: str) -> Path:
     name = f"{method}-{setting.replace(':', 'of')}-s{args.steps}b{args.batch_size}l{args.seqlen}"
     if opts:
         name += "-" + "-".join(f"{k}{v}" for k, v in sorted(opts.items()))
+    if args.seed != 0:  # seed 0 runs keep their old names; another seed must never be skipped as "done"
+        name += f"-seed{args.seed}"
     out = Path(args.out_dir)
     path = out / f"{name}.json"
     if path.exists() and not args.redo:
@@ -181,8 +184,8 @@ def run(args, method: str, setting: str) -> Path:
     if args.save_masks:  # the final masks, one bit per weight (not committed: 13 MB for SmolLM2-135M)
         from minisparse.engine import save_masks
 
-        result["masks_file"] = str(save_masks(masks or {n: p != 0 for n, p in params.items()},
-                                                out / "masks" / f"{name}.pt"))
+        saved = save_masks(masks or {n: p != 0 for n, p in params.items()}, out / "masks" / f"{name}.pt")
+        result["masks_file"] = os.path.relpath(saved, HERE.parent)
     write_json(path, result)
     shutil.rmtree(out / "ckpt" / name, ignore_errors=True)
     print(path.name, "ppl", round(ppl["ppl"], 2), flush=True)
@@ -196,7 +199,7 @@ def summarize(out: Path = OUT) -> Path:
         cfg = r.get("config", {})
         rows.append({"method": r["method"], "pattern": r["pattern"], "tokens": r["tokens"],
                      # the same token budget can be spent as many small steps or fewer large ones
-                     "steps": cfg.get("steps", ""), "batch_size": cfg.get("batch_size", ""),
+                     "steps": cfg.get("steps", ""), "batch_size": cfg.get("batch_size", ""), "seed": cfg.get("seed", ""),
                      "seqlen": cfg.get("seqlen", ""),
                      "ppl": round(r["pruned_ppl"], 3), "calib_ppl": round(r["calib_ppl"], 3) if "calib_ppl" in r else "",
                      "ppl_before_training": r["ppl_before_training"] or "",

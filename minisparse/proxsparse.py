@@ -28,7 +28,7 @@ from torch import nn
 from .patterns import Pattern, parse_pattern, topk_mask
 from .prox import add_reg_frozen_grad_, prox_24_
 from .methods import register
-from .train import TrainConfig, TrainHooks, checked_parameters, train
+from .train import TrainConfig, TrainHooks, batch_for_step, checked_parameters, train
 
 __all__ = ["ProxSparseHooks", "proxsparse", "group_is_24"]
 
@@ -100,6 +100,7 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
                warmup: float = 0.1, lam_schedule: str = "constant", eps: float = 0.1,
                grad_checkpointing: bool = False, clip: float = 1.0, log_every: int = 10,
                checkpoint_every: int = 0, checkpoint_dir: str | None = None,
+               refit: bool = False, refit_samples: int = 128, refit_damp: float = 0.01,
                seqlen: int = 512, seed: int = 0, bos_id: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Learn a 2:4 mask of every prunable Linear of ``model`` end to end, and apply it to the original weights.
 
@@ -108,6 +109,10 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     for ``lam_schedule``); ``lam2``: weight of the frozen-weight regularizer (0 in most of the paper's
     runs); ``lr``, ``warmup``: AdamW with linear warm-up over that fraction of the steps, then linear
     decay. The defaults follow the paper's Llama-2-7B setting (lam1 0.25, lam2 0, lr 1e-4, warm-up 0.1).
+
+    ``refit``: afterwards, re-fit the kept weights by least squares on ``refit_samples`` calibration
+    windows, layer by layer (:func:`minisparse.engine.prune_with_masks`, ridge ``refit_damp``), the weight
+    update SparseGPT makes; off by default, as in the paper, where ProxSparse only chooses the mask.
 
     Returns a dict with the training log (loss, fraction of groups already 2:4 and mask change per log
     line), the token budget and the fraction of groups that were exactly 2:4 before the final top-2.
@@ -120,6 +125,10 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     for name, val in (("lam1", lam1), ("lam2", lam2), ("eps", eps)):
         if not (float(val) >= 0 and math.isfinite(float(val))):
             raise ValueError(f"{name} must be a finite number >= 0; got {val!r}")
+    if int(refit_samples) < 1:
+        raise ValueError(f"refit_samples must be a positive number of calibration windows; got {refit_samples!r}")
+    if not (float(refit_damp) >= 0 and math.isfinite(float(refit_damp))):
+        raise ValueError(f"refit_damp must be a finite number >= 0 (a fraction of mean diag G); got {refit_damp!r}")
     if lam_schedule not in ("constant", "lr"):
         raise ValueError(f"lam_schedule must be 'constant' (the authors' choice) or 'lr'; got {lam_schedule!r}")
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), seqlen=int(seqlen), lr=float(lr),
@@ -134,13 +143,34 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     hooks = ProxSparseHooks(lam1, lam2, eps, lam_schedule, lr_max=float(lr))
     report = train(model, stream, cfg, hooks, params, bos_id=bos_id, progress=progress)
     exact = groups = 0
+    masks = {}
     with torch.no_grad():
         for n, p in params.items():
             exact += int(group_is_24(p).sum())
             groups += p.numel() // 4
-            mask = _top2(p)
-            p.copy_(original[n] * mask + 0.0)  # no -0.0 (see engine)
-    return {"method": "proxsparse", "config": {**cfg.__dict__, "lam1": lam1, "lam2": lam2,
-                                                 "lam_schedule": lam_schedule, "eps": eps},
-            "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
-            "resumed_from": report.resumed_from, "learned_exact_24": exact / groups}
+            masks[n] = _top2(p)
+            p.copy_(original[n])
+    out = {"method": "proxsparse", "config": {**cfg.__dict__, "lam1": lam1, "lam2": lam2,
+                                                "lam_schedule": lam_schedule, "eps": eps, "refit": bool(refit)},
+           "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
+           "resumed_from": report.resumed_from, "learned_exact_24": exact / groups}
+    if refit:
+        from .engine import prune_with_masks
+
+        # calibration windows drawn like a training batch, at a step index training never uses
+        calib = batch_for_step(stream, cfg.steps, TrainConfig(batch_size=int(refit_samples), seqlen=cfg.seqlen,
+                                                              seed=cfg.seed, bos=cfg.bos), bos_id)
+        was = model.training
+        model.eval()
+        try:
+            fit = prune_with_masks(model, calib, masks, reconstruct=True, damp=float(refit_damp), progress=progress)
+        finally:
+            model.train(was)
+        out["refit"] = {"samples": int(refit_samples), "seqlen": cfg.seqlen, "damp": float(refit_damp),
+                        "seconds": fit.total_seconds,
+                        "mean_rel_error": sum(m["rel_error"] for m in fit.matrices) / len(fit.matrices)}
+    else:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.mul_(masks[n]).add_(0.0)  # no -0.0 (see engine)
+    return out

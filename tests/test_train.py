@@ -142,9 +142,42 @@ def test_proxsparse_without_regularisation_or_learning_is_magnitude_24():
         assert torch.equal(p, original[n] * topk_mask(original[n].abs(), pat)), n
 
 
+def test_proxsparse_refit_keeps_the_learned_mask_and_refits_the_kept_weights_by_least_squares():
+    import copy
+
+    from minisparse.objective import reconstruct
+    from minisparse.train import TrainConfig, batch_for_step
+
+    model = tiny_model("llama", seed=4)
+    dense = copy.deepcopy(model)
+    original = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    kw = dict(lam1=5.0, lr=3e-3, steps=10, batch_size=2, seqlen=32, progress=False)
+    plain = copy.deepcopy(model)
+    proxsparse(plain, _stream(), "2:4", **kw)
+    out = proxsparse(model, _stream(), "2:4", refit=True, refit_samples=6, **kw)
+    assert out["refit"]["samples"] == 6 and 0 < out["refit"]["mean_rel_error"] < 1
+    mine, theirs = prunable_parameters(model), prunable_parameters(plain)
+    for n in original:
+        assert torch.equal(mine[n] != 0, theirs[n] != 0), n  # the same learned mask
+        assert not torch.equal(mine[n], theirs[n]), n  # ... with re-fitted values
+    # layer 0 sees the dense model's inputs: its q_proj is the least-squares fit on the refit windows
+    calib = batch_for_step(_stream(), 10, TrainConfig(batch_size=6, seqlen=32, seed=0))
+    seen = []
+    q = dense.model.layers[0].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        dense(input_ids=calib, use_cache=False)
+    handle.remove()
+    X = torch.cat(seen).double()
+    name = "layers.0.self_attn.q_proj"
+    want = reconstruct(original[name], theirs[name] != 0, X.T @ X, damp=0.01)
+    torch.testing.assert_close(mine[name].detach(), want, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"lam1": -1.0}, "lam1"), ({"lam2": float("nan")}, "lam2"), ({"lam_schedule": "cosine"}, "lam_schedule"),
     ({"steps": 0}, "steps"), ({"warmup": 1.0}, "warmup"), ({"lr": 0.0}, "lr"),
+    ({"refit_samples": 0}, "refit_samples"), ({"refit_damp": -0.1}, "refit_damp"),
 ])
 def test_proxsparse_rejects_bad_options(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
