@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def run(source: str, args) -> Path:
     def ppl():
         return perplexity(model, tok, eval_text, 512, args.eval_windows, progress=True)["ppl"]
 
-    result = {"source": source, "pattern": "2:4", "calibration": {"samples": args.calib_samples, "seqlen": 512,
+    shown = os.path.relpath(Path(source).resolve(), HERE.parent) if is_file else source  # repo-relative
+    result = {"source": shown, "pattern": "2:4", "calibration": {"samples": args.calib_samples, "seqlen": 512,
                                                                   "seed": args.seed, "text": "wikipedia"},
               "eval": {"windows": args.eval_windows, "seqlen": 512, "text": "wikipedia", "part": "eval"},
               "damp": args.damp, "own_ppl": None}
