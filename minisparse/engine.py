@@ -15,9 +15,11 @@ are found by structure (:func:`~minisparse.models.decoder_layers`) and Linear mo
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -333,11 +335,8 @@ def prune_with_masks(model: nn.Module, calib_ids: torch.Tensor, masks: dict[str,
                        device=device, batch_size=batch_size, progress=progress)
 
 
-def save_masks(masks: dict[str, torch.Tensor], path) -> "Path":
+def save_masks(masks: dict[str, torch.Tensor], path) -> Path:
     """Write boolean masks to ``path`` (torch format, one bit per weight), atomically; returns the path."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
