@@ -149,7 +149,8 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
             exact += int(group_is_24(p).sum())
             groups += p.numel() // 4
             masks[n] = _top2(p)
-            p.copy_(original[n])
+            # the original weights: under the mask (no -0.0, see engine), or whole for the re-fit to start from
+            p.copy_(original[n] if refit else original[n] * masks[n] + 0.0)
     out = {"method": "proxsparse", "config": {**cfg.__dict__, "lam1": lam1, "lam2": lam2,
                                                 "lam_schedule": lam_schedule, "eps": eps, "refit": bool(refit)},
            "log": report.log, "tokens": report.tokens, "train_seconds": report.seconds,
@@ -169,8 +170,4 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
         out["refit"] = {"samples": int(refit_samples), "seqlen": cfg.seqlen, "damp": float(refit_damp),
                         "seconds": fit.total_seconds,
                         "mean_rel_error": sum(m["rel_error"] for m in fit.matrices) / len(fit.matrices)}
-    else:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.mul_(masks[n]).add_(0.0)  # no -0.0 (see engine)
     return out

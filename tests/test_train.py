@@ -145,6 +145,7 @@ def test_proxsparse_without_regularisation_or_learning_is_magnitude_24():
 def test_proxsparse_refit_keeps_the_learned_mask_and_refits_the_kept_weights_by_least_squares():
     import copy
 
+    from minisparse.engine import collect_grams
     from minisparse.objective import reconstruct
     from minisparse.train import TrainConfig, batch_for_step
 
@@ -162,15 +163,9 @@ def test_proxsparse_refit_keeps_the_learned_mask_and_refits_the_kept_weights_by_
         assert not torch.equal(mine[n], theirs[n]), n  # ... with re-fitted values
     # layer 0 sees the dense model's inputs: its q_proj is the least-squares fit on the refit windows
     calib = batch_for_step(_stream(), 10, TrainConfig(batch_size=6, seqlen=32, seed=0))
-    seen = []
-    q = dense.model.layers[0].self_attn.q_proj
-    handle = q.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        dense(input_ids=calib, use_cache=False)
-    handle.remove()
-    X = torch.cat(seen).double()
+    _, G = collect_grams(dense, calib, 0)["self_attn.q_proj"]
     name = "layers.0.self_attn.q_proj"
-    want = reconstruct(original[name], theirs[name] != 0, X.T @ X, damp=0.01)
+    want = reconstruct(original[name], theirs[name] != 0, G, damp=0.01)
     torch.testing.assert_close(mine[name].detach(), want, rtol=1e-3, atol=1e-5)
 
 
