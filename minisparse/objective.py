@@ -50,7 +50,15 @@ def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     L, info = torch.linalg.cholesky_ex(A)
     x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-    bad = info != 0
+    # a singular A can still "succeed": rounding may leave a tiny positive pivot instead of a zero or
+    # negative one (whether it does depends on the CPU's BLAS kernels), and the solve then returns
+    # garbage of size 1/pivot. A pivot that keeps less than ~100 k eps of its diagonal entry is singular to
+    # working precision, so those systems get the minimum-norm solution too.
+    k = A.shape[-1]
+    pivots = torch.diagonal(L, dim1=-2, dim2=-1) ** 2
+    diag = torch.diagonal(A, dim1=-2, dim2=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    tiny = (pivots <= 100 * k * torch.finfo(A.dtype).eps * diag).any(dim=-1)
+    bad = (info != 0) | tiny
     if bad.any():
         x[bad] = torch.linalg.lstsq(A[bad], b[bad].unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     return x

@@ -62,6 +62,23 @@ def test_reconstruct_large_batches_agree_with_row_by_row():
     torch.testing.assert_close(batched, single, rtol=1e-8, atol=1e-10)
 
 
+def test_solve_spd_treats_a_system_singular_to_working_precision_as_singular():
+    # 1 + 2 ulp: Cholesky succeeds on every CPU (pivot 4.4e-16 > 0), but the matrix is singular to working
+    # precision; a plain solve returns entries of size 1e15, the minimum-norm solution splits b evenly
+    from minisparse.objective import _solve_spd
+
+    one = torch.tensor(1.0, dtype=torch.float64)
+    A = torch.stack([torch.stack([one, one]), torch.stack([one, one + 2 * torch.finfo(torch.float64).eps])])
+    assert torch.linalg.cholesky_ex(A).info == 0
+    x = _solve_spd(A.unsqueeze(0), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(x, torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    # a well-conditioned system in the same batch is still solved exactly by Cholesky
+    B = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    y = _solve_spd(torch.stack([A, B]), torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+    torch.testing.assert_close(y[1], torch.linalg.solve(B, torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    torch.testing.assert_close(y[0], torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
 def test_reconstruct_singular_block_gives_minimum_norm_solution():
     # two identical inputs: G_SS is singular when both are kept; the weight is split evenly
     X = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 1.0], [0.5, 0.5, 3.0]], dtype=torch.float64)
