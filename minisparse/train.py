@@ -264,11 +264,14 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
         report.log = list(state["log"])
         start = report.resumed_from = int(state["step"])
         loss_carry = state.get("loss_carry", (0.0, 0))
+        # training time before the checkpoint, so that a resumed run reports its whole time (checkpoints
+        # written before this was saved: the time of the last log line, at most one log interval short)
+        elapsed = float(state.get("seconds", report.log[-1]["seconds"] if report.log else 0.0))
     else:
-        loss_carry = (0.0, 0)
+        loss_carry, elapsed = (0.0, 0), 0.0
     device = next(iter(params.values())).device
     tokens_per_step = cfg.batch_size * cfg.seqlen
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed
     loss_sum, loss_n = float(loss_carry[0]), int(loss_carry[1])
     bar = tqdm(range(start, cfg.steps), desc="train", unit="step", disable=not progress, initial=start,
                total=cfg.steps)
@@ -314,7 +317,7 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
                 _save(ckpt_dir, {"step": done, "config": asdict(cfg), "log": report.log,
                                  "params": {n: p.detach().cpu() for n, p in params.items()},
                                  "optimizer": opt.state_dict(), "hooks": hooks.state_dict(),
-                                 "loss_carry": (loss_sum, loss_n)})
+                                 "loss_carry": (loss_sum, loss_n), "seconds": time.perf_counter() - t0})
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

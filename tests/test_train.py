@@ -97,6 +97,26 @@ def test_resume_from_a_checkpoint_ends_exactly_where_an_uninterrupted_run_does(t
         train(tiny_model("qwen2", seed=1), s, other, progress=False)
 
 
+def test_a_resumed_run_reports_its_whole_training_time(tmp_path):
+    # the time spent before the checkpoint is carried over: a run resumed once reports both segments
+    s = _stream()
+    cfg = TrainConfig(steps=8, batch_size=2, seqlen=24, lr=2e-3, log_every=2, checkpoint_every=4,
+                      checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(_Stop):
+        train(tiny_model("qwen2", seed=1), s, cfg, _StopAt(ProxSparseHooks(lam1=0.5), at=5), progress=False)
+    path = tmp_path / "ck" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 4 and 0 < state["seconds"] < 600
+    state["seconds"] = 1000.0  # as if the first segment had taken 1000 s
+    torch.save(state, path)
+    rep = train(tiny_model("qwen2", seed=1), s, cfg, ProxSparseHooks(lam1=0.5), progress=False)
+    assert rep.resumed_from == 4
+    assert 1000.0 < rep.seconds < 1600.0
+    secs = [r["seconds"] for r in rep.log]
+    assert [r["step"] for r in rep.log] == [2, 4, 6, 8]
+    assert secs[1] < 1000.0 < secs[2] <= secs[3] <= rep.seconds  # the log's clock continues after the resume
+
+
 def test_proxsparse_frozen_weight_gradient_equals_autograd_of_the_added_loss():
     from minisparse.prox import reg_frozen
     torch.manual_seed(0)
