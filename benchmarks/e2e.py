@@ -131,7 +131,7 @@ def run(args, method: str, setting: str) -> Path:
     if method == "proxsparse":
         hooks = ProxSparseHooks(lam1=float(opts.get("lam1", 0.25)), lam2=float(opts.get("lam2", 0.0)),
                                 lam_schedule=str(opts.get("lam_schedule", "constant")), lr_max=lr)
-        cfg = TrainConfig(warmup=0.1, **cfg_kw)
+        cfg = TrainConfig(warmup=0.1, loss=str(opts.get("loss", "lm")), **cfg_kw)
 
         def feasible(ps):
             with torch.no_grad():

@@ -97,7 +97,7 @@ class ProxSparseHooks(TrainHooks):
           description="learn 2:4 masks by proximal gradient on the model's loss (ProxSparse); 2:4 only")
 def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pattern | str = "2:4", *,
                lam1: float = 0.25, lam2: float = 0.0, lr: float = 1e-4, steps: int = 100, batch_size: int = 4,
-               warmup: float = 0.1, lam_schedule: str = "constant", eps: float = 0.1,
+               warmup: float = 0.1, lam_schedule: str = "constant", eps: float = 0.1, loss: str = "lm",
                grad_checkpointing: bool = False, clip: float = 1.0, log_every: int = 10,
                checkpoint_every: int = 0, checkpoint_dir: str | None = None,
                refit: bool = False, refit_samples: int = 128, refit_damp: float = 0.01,
@@ -109,6 +109,12 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     for ``lam_schedule``); ``lam2``: weight of the frozen-weight regularizer (0 in most of the paper's
     runs); ``lr``, ``warmup``: AdamW with linear warm-up over that fraction of the steps, then linear
     decay. The defaults follow the paper's Llama-2-7B setting (lam1 0.25, lam2 0, lr 1e-4, warm-up 0.1).
+
+    ``loss``: ``"lm"`` (the paper's: the model's next-token loss on the calibration text) or ``"kd"``
+    (not in the paper: KL divergence from the dense model's next-token distribution, which keeps a frozen
+    dense copy of the model in memory; see :func:`minisparse.train.distillation_loss`). On a calibration
+    text much smaller than the model, the next-token loss can be lowered by memorising the text; the dense
+    model's distribution is a target that memorising does not reach.
 
     ``refit``: afterwards, re-fit the kept weights by least squares on ``refit_samples`` calibration
     windows, layer by layer (:func:`minisparse.engine.prune_with_masks`, ridge ``refit_damp``), the weight
@@ -134,7 +140,7 @@ def proxsparse(model: nn.Module | None, stream: torch.Tensor | None, pattern: Pa
     cfg = TrainConfig(steps=int(steps), batch_size=int(batch_size), seqlen=int(seqlen), lr=float(lr),
                       warmup=float(warmup), clip=float(clip) if clip else None, seed=int(seed),
                       bos=bos_id is not None, grad_checkpointing=bool(grad_checkpointing), log_every=int(log_every),
-                      checkpoint_every=int(checkpoint_every), checkpoint_dir=checkpoint_dir)
+                      checkpoint_every=int(checkpoint_every), checkpoint_dir=checkpoint_dir, loss=str(loss))
     cfg.check()
     if model is None:
         return {}

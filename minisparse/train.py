@@ -21,6 +21,7 @@ gradients, so a step is the single-process step. Checkpoints are then refused (n
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -58,6 +59,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     optimizer: str = "adamw"  # or "adamw8bit" (8-bit moments, minisparse.optim8)
+    # "lm": the model's own next-token loss on the text; "kd": KL divergence from the next-token distribution of
+    # the dense model (a frozen copy made before the first step) to the trained one's, per predicted token
+    loss: str = "lm"
 
     def check(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("seqlen", 2), ("log_every", 1)):
@@ -71,6 +75,9 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit'; got {self.optimizer!r}")
+        if self.loss not in ("lm", "kd"):
+            raise ValueError(f"loss must be 'lm' (the model's next-token loss) or 'kd' (distil the dense model's "
+                             f"next-token distribution); got {self.loss!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
 
@@ -188,8 +195,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    r"""Mean over predicted tokens of :math:`\mathrm{KL}(p_{\text{teacher}} \| p_{\text{model}})`.
+
+    ``logits``: the trained model's (batch, seqlen, vocab) logits on ``batch``; the teacher runs without
+    gradients on the same tokens. The positions are those the next-token loss uses (all but the last).
+    """
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+    s_logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    kl = torch.nn.functional.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
+                                    log_target=True, reduction="batchmean")
+    return kl
+
+
 _CKPT = "train_state.pt"
-_SAME = ("steps", "batch_size", "seqlen", "lr", "warmup", "betas", "weight_decay", "clip", "seed", "bos", "optimizer")
+_SAME = ("steps", "batch_size", "seqlen", "lr", "warmup", "betas", "weight_decay", "clip", "seed", "bos", "optimizer",
+         "loss")
 
 
 def _save(path: Path, state: dict) -> None:
@@ -245,13 +267,23 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
     else:
         opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
                                 weight_decay=cfg.weight_decay)
+    teacher = None
+    if cfg.loss == "kd":
+        if mesh is not None:
+            raise ValueError("loss='kd' keeps a dense copy of the model and is not supported with FSDP2-sharded "
+                             "parameters; use loss='lm'")
+        # the dense model, copied before any step (and before a checkpoint is loaded, so that a resumed run
+        # distils the same teacher): a second copy of the weights in memory
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     hooks.setup(params)
     report = TrainReport()
     start = 0
     ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else None
     if ckpt_dir is not None and (ckpt_dir / _CKPT).exists():
         state = torch.load(ckpt_dir / _CKPT, map_location="cpu", weights_only=True)
-        saved = {"optimizer": "adamw", **state["config"]}
+        saved = {"optimizer": "adamw", "loss": "lm", **state["config"]}
         diff = [k for k in _SAME if (tuple(saved[k]) if k == "betas" else saved[k]) != (tuple(getattr(cfg, k)) if k == "betas" else getattr(cfg, k))]
         if diff:
             raise ValueError(f"the checkpoint in {ckpt_dir} was written with a different configuration "
@@ -285,8 +317,10 @@ def train(model: nn.Module, stream: torch.Tensor, cfg: TrainConfig, hooks: Train
                 per = cfg.batch_size // world
                 batch = batch[rank * per:(rank + 1) * per]
             batch = batch.to(device)
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-            loss = out.loss
+            if teacher is None:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            else:
+                loss = distillation_loss(model(input_ids=batch, use_cache=False).logits, teacher, batch)
             extra = hooks.extra_loss(params)
             total = loss if extra is None else loss + extra
             loss_val = None

@@ -9,7 +9,8 @@ from conftest import tiny_model
 
 from minisparse import parse_pattern, topk_mask
 from minisparse.proxsparse import ProxSparseHooks, group_is_24, proxsparse
-from minisparse.train import HookWrapper, TrainConfig, batch_for_step, lr_at, prunable_parameters, train
+from minisparse.train import (HookWrapper, TrainConfig, batch_for_step, distillation_loss, lr_at, prunable_parameters,
+                              train)
 
 
 def _stream(n=4000, period=7, seed=0):
@@ -115,6 +116,44 @@ def test_a_resumed_run_reports_its_whole_training_time(tmp_path):
     secs = [r["seconds"] for r in rep.log]
     assert [r["step"] for r in rep.log] == [2, 4, 6, 8]
     assert secs[1] < 1000.0 < secs[2] <= secs[3] <= rep.seconds  # the log's clock continues after the resume
+
+
+def test_distillation_loss_is_the_mean_kl_from_the_teacher_per_predicted_token():
+    teacher = tiny_model("llama", seed=2).eval()
+    student = tiny_model("llama", seed=3).eval()
+    batch = _stream()[:2 * 16].reshape(2, 16)
+    with torch.no_grad():
+        assert float(distillation_loss(teacher(input_ids=batch).logits, teacher, batch)) == pytest.approx(0, abs=1e-6)
+        got = float(distillation_loss(student(input_ids=batch).logits, teacher, batch))
+        p = torch.softmax(teacher(input_ids=batch).logits[:, :-1].double(), -1)
+        q = torch.softmax(student(input_ids=batch).logits[:, :-1].double(), -1)
+        want = float((p * (p.log() - q.log())).sum(-1).mean())  # 2 x 15 predicted tokens
+    assert want > 0.01 and got == pytest.approx(want, rel=1e-4)
+
+
+def test_kd_training_starts_at_zero_loss_and_keeps_the_teacher_fixed(tmp_path):
+    model = tiny_model("llama", seed=4)
+    before = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
+    cfg = TrainConfig(steps=6, batch_size=2, seqlen=24, lr=3e-3, log_every=1, loss="kd")
+    rep = train(model, _stream(), cfg, ProxSparseHooks(lam1=0.5), progress=False)
+    losses = [r["loss"] for r in rep.log]
+    # step 0: the trained model is the teacher; afterwards the prox pulls it away and the KL is positive
+    assert losses[0] == pytest.approx(0, abs=1e-6) and losses[1] > 0 and min(losses[2:]) > 1e-3
+    assert all(not torch.equal(p, before[n]) for n, p in prunable_parameters(model).items())
+    # resumed from a checkpoint, a kd run ends where an uninterrupted one does (the teacher is the fresh model)
+    ck = TrainConfig(**{**cfg.__dict__, "checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ck")})
+    with pytest.raises(_Stop):
+        train(tiny_model("llama", seed=4), _stream(), ck, _StopAt(ProxSparseHooks(lam1=0.5), at=3), progress=False)
+    again = tiny_model("llama", seed=4)
+    rep2 = train(again, _stream(), ck, ProxSparseHooks(lam1=0.5), progress=False)
+    assert rep2.resumed_from == 2 and [r["loss"] for r in rep2.log] == losses
+    for (n, p), (_, q) in zip(prunable_parameters(model).items(), prunable_parameters(again).items()):
+        assert torch.equal(p, q), n
+    # a checkpoint of an lm run is not resumed as a kd run
+    with pytest.raises(ValueError, match="different configuration"):
+        train(tiny_model("llama", seed=4), _stream(), TrainConfig(**{**ck.__dict__, "loss": "lm"}), progress=False)
+    with pytest.raises(ValueError, match="loss must be 'lm'"):
+        TrainConfig(loss="mse").check()
 
 
 def test_proxsparse_frozen_weight_gradient_equals_autograd_of_the_added_loss():
