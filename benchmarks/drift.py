@@ -12,8 +12,10 @@ SmolLM2-135M, same protocol as the result tables (100 windows of 512 tokens of t
 
 each also on the first 20 windows of 512 tokens of the calibration half (the text training sampled
 from, as e2e.py's ``calib_ppl``): the gap between the two says how much of what training learned is
-memorised calibration text. Plus the relative change of the kept weights, ||M*(W_learned - W0)|| / ||M*W0|| over all prunable matrices,
-and the fraction of groups already exactly 2:4. One JSON per checkpoint under benchmarks/results/drift/:
+memorised calibration text. Also the dense model's perplexity on windows of the training length
+(``--train-seqlen``, 200 windows of the calibration half), the level to compare a training loss with; the
+relative change of the kept weights, ||M*(W_learned - W0)|| / ||M*W0|| over all prunable matrices; and the
+fraction of groups already exactly 2:4. One JSON per checkpoint under benchmarks/results/drift/:
 
     .venv/bin/python benchmarks/drift.py /path/to/train_state.pt --name <run>-step<k>
 """
@@ -38,6 +40,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--windows", type=int, default=100, help="evaluation windows of 512 tokens (default 100)")
     ap.add_argument("--calib-windows", type=int, default=20,
                     help="windows of 512 tokens of the calibration half (default 20, as e2e.py's calib_ppl)")
+    ap.add_argument("--train-seqlen", type=int, default=128, help="the training windows' length (default 128)")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args(argv)
 
@@ -77,6 +80,7 @@ def main(argv=None) -> Path:
                 "calib": perplexity(model, tok, calib_text, 512, args.calib_windows)["ppl"]}
 
     t0 = time.time()
+    dense_train = perplexity(model, tok, calib_text, args.train_seqlen, 200)
     result = {
         "checkpoint": str(args.checkpoint), "step": state.get("step"), "model": args.model,
         "eval": {"text": "wikipedia eval half", "seqlen": 512, "windows": args.windows},
@@ -87,6 +91,8 @@ def main(argv=None) -> Path:
         "learned_masked": ppl(lambda n: learned[n] * masks[n] + 0.0),
         "original_masked": ppl(lambda n: original[n] * masks[n] + 0.0),
         "original_dense": ppl(lambda n: original[n]),
+        "dense_calib_train_windows": {"seqlen": args.train_seqlen, "windows": 200, "ppl": dense_train["ppl"],
+                                      "nll": dense_train["nll"]},
     }
     result["seconds"] = time.time() - t0
     path = OUT / f"{args.name}.json"
