@@ -204,9 +204,8 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, batch: torch.Ten
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
     s_logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl = torch.nn.functional.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
-                                    log_target=True, reduction="batchmean")
-    return kl
+    return torch.nn.functional.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
+                                      log_target=True, reduction="batchmean")
 
 
 _CKPT = "train_state.pt"

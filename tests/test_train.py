@@ -131,7 +131,7 @@ def test_distillation_loss_is_the_mean_kl_from_the_teacher_per_predicted_token()
     assert want > 0.01 and got == pytest.approx(want, rel=1e-4)
 
 
-def test_kd_training_starts_at_zero_loss_and_keeps_the_teacher_fixed(tmp_path):
+def test_kd_training_starts_at_zero_loss_and_resumes_exactly(tmp_path):
     model = tiny_model("llama", seed=4)
     before = {n: p.detach().clone() for n, p in prunable_parameters(model).items()}
     cfg = TrainConfig(steps=6, batch_size=2, seqlen=24, lr=3e-3, log_every=1, loss="kd")
@@ -149,7 +149,7 @@ def test_kd_training_starts_at_zero_loss_and_keeps_the_teacher_fixed(tmp_path):
     assert rep2.resumed_from == 2 and [r["loss"] for r in rep2.log] == losses
     for (n, p), (_, q) in zip(prunable_parameters(model).items(), prunable_parameters(again).items()):
         assert torch.equal(p, q), n
-    # a checkpoint of an lm run is not resumed as a kd run
+    # a kd run's checkpoint is not resumed as an lm run
     with pytest.raises(ValueError, match="different configuration"):
         train(tiny_model("llama", seed=4), _stream(), TrainConfig(**{**ck.__dict__, "loss": "lm"}), progress=False)
     with pytest.raises(ValueError, match="loss must be 'lm'"):
